@@ -1,0 +1,128 @@
+"""RevformerConfig: the architecture of a reversible decoder-only Transformer (what rebuilds the weights)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+ATTENTION_KINDS = ("full", "local", "lsh")
+STREAM_DTYPES = ("float32", "fixed_point")
+
+
+@strict(accept_kwargs=True)
+class RevformerConfig(PreTrainedConfig):
+    r"""Configuration of a [`RevformerForCausalLM`].
+
+    Canonical Hugging Face names, plus:
+        reversible (`bool`): train through the reversible engine (activation memory independent of depth). `False`
+            runs the very same blocks as an ordinary residual network with standard autograd.
+        attention_layers (`list[str]` or `str`): attention kernel per layer, each one of `full`, `local`, `lsh`; a
+            single string applies to every layer; `None` means `full` everywhere.
+        local_chunk_length, local_num_chunks_before: `local` attention window (a chunk attends to itself and that
+            many previous chunks).
+        lsh_num_buckets, lsh_num_hashes, lsh_chunk_length: `lsh` attention (Reformer) hashing parameters.
+        chunk_size_feed_forward (`int`): feed-forward in sequence chunks of this many tokens (0 = no chunking).
+        loss_chunk_size (`int`): LM head + cross-entropy in sequence chunks (0 = no chunking); full-sequence logits
+            then never exist in training.
+        stream_dtype (`str`): `float32` residual streams, or `fixed_point` (integers on a 2^-stream_fraction_bits grid,
+            exactly invertible coupling at any precision).
+
+    Example:
+    ```python
+    >>> from revformer import RevformerConfig, RevformerForCausalLM
+    >>> model = RevformerForCausalLM(RevformerConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4))
+    ```
+    """
+
+    model_type = "revformer"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 8192
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    reversible: bool = True
+    attention_layers: list[str] | str | None = None
+    local_chunk_length: int = 128
+    local_num_chunks_before: int = 1
+    lsh_num_buckets: int = 32
+    lsh_num_hashes: int = 2
+    lsh_chunk_length: int = 64
+    loss_chunk_size: int = 0
+    stream_dtype: str = "float32"
+    stream_fraction_bits: int = 32
+
+    def __post_init__(self, **kwargs):
+        if self.attention_layers is None:
+            self.attention_layers = "full"
+        if isinstance(self.attention_layers, str):
+            self.attention_layers = [self.attention_layers] * self.num_hidden_layers
+        else:
+            self.attention_layers = list(self.attention_layers)
+        super().__post_init__(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: one clear error per inconsistent value, naming the fix."""
+        positive = (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "local_chunk_length", "lsh_num_hashes", "lsh_chunk_length",
+        )  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RevformerConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"RevformerConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}); pick a head count that divides it."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(
+                f"Rotary embeddings need an even head dimension, got hidden_size / num_attention_heads = "
+                f"{self.head_dim}; change hidden_size or num_attention_heads."
+            )
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"RevformerConfig.{name} must be in [0, 1), got {getattr(self, name)}.")
+        if len(self.attention_layers) != self.num_hidden_layers:
+            raise ValueError(
+                f"RevformerConfig.attention_layers has {len(self.attention_layers)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}; give one kind per layer or a single string for all layers."
+            )
+        unknown = sorted(set(self.attention_layers) - set(ATTENTION_KINDS))
+        if unknown:
+            raise ValueError(f"Unknown attention kind(s) {unknown} in attention_layers; choose from {ATTENTION_KINDS}.")
+        if self.lsh_num_buckets < 1 or (self.lsh_num_buckets > 1 and self.lsh_num_buckets % 2):
+            raise ValueError(f"RevformerConfig.lsh_num_buckets must be 1 or an even number, got {self.lsh_num_buckets}.")
+        if self.local_num_chunks_before < 0:
+            raise ValueError("RevformerConfig.local_num_chunks_before must be >= 0.")
+        if self.chunk_size_feed_forward < 0 or self.loss_chunk_size < 0:
+            raise ValueError("Chunk sizes (chunk_size_feed_forward, loss_chunk_size) must be >= 0 (0 = no chunking).")
+        if self.stream_dtype not in STREAM_DTYPES:
+            raise ValueError(f"RevformerConfig.stream_dtype must be one of {STREAM_DTYPES}, got {self.stream_dtype!r}.")
+        if not 8 <= self.stream_fraction_bits <= 48:
+            raise ValueError(
+                f"RevformerConfig.stream_fraction_bits must be in [8, 48] (int64 streams need headroom for the "
+                f"integer part), got {self.stream_fraction_bits}."
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(f"RevformerConfig.hidden_act: only 'silu' (SwiGLU) is implemented, got {self.hidden_act!r}.")
+
+
+__all__ = ["RevformerConfig"]

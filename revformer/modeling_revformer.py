@@ -1,0 +1,447 @@
+"""Revformer: a reversible decoder-only Transformer, as a Hugging Face causal language model.
+
+Read top to bottom: sublayers F (attention) and G (feed-forward), the two-stream block, the model, the LM head.
+
+The token embedding feeds both residual streams (x1 = x2 = embedding). Each block updates them by additive
+coupling, `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)`, which the reversible engine inverts in backward. After the last
+block the streams are merged by their mean, `h = (y1 + y2) / 2`, then normalized and projected to the vocabulary;
+the mean keeps `h` at `hidden_size`, so the LM head can share the embedding matrix.
+
+This file, `configuration_revformer.py`, `reversible.py` and `attention.py` go to the Hub with the weights: they
+import each other only relatively and need nothing beyond torch and transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from .attention import ATTENTION_FUNCTIONS
+from .configuration_revformer import RevformerConfig
+from .reversible import StreamCoupling, reversible_stack
+
+IGNORE_INDEX = -100
+
+
+class RevformerRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Statistics in fp32; the result comes out in the weight's dtype so that fp32 residual streams feed bf16
+        # weights (FSDP mixed precision, a bf16 model) without a dtype mismatch.
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+class RevformerRotaryEmbedding(nn.Module):
+    """Rotary position embedding: cos/sin tables for given positions (rebuilt on load: the buffer is not saved)."""
+
+    def __init__(self, config: RevformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: RevformerConfig) -> Tensor:
+        dim = config.head_dim
+        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+    @torch.no_grad()
+    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x` (B, H, T, D) by the angles whose cos/sin are (B, T, D)."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RevformerAttention(nn.Module):
+    """F: pre-normalized causal self-attention with the kernel `config.attention_layers[layer_idx]`.
+
+    `lsh` layers share one projection for queries and keys, as in the Reformer: hashing groups a query with the
+    keys that point the same way, which only makes sense when queries and keys live in the same space.
+    """
+
+    def __init__(self, config: RevformerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kind = config.attention_layers[layer_idx]
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        d = config.hidden_size
+        self.norm = RevformerRMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = None if self.kind == "lsh" else nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def kernel_name(self) -> str:
+        # `attn_implementation="eager"` swaps the sdpa kernel of `full` layers for the explicit reference one.
+        if self.kind == "full" and self.config._attn_implementation == "eager":
+            return "eager"
+        return self.kind
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        key_padding_mask: Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> Tensor:
+        batch, seq, _ = x.shape
+        h = self.norm(x)
+
+        def heads(t: Tensor) -> Tensor:  # (B, T, d) -> (B, H, T, D)
+            return t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q = apply_rotary(heads(self.q_proj(h)), cos, sin)
+        k = q if self.k_proj is None else apply_rotary(heads(self.k_proj(h)), cos, sin)
+        v = heads(self.v_proj(h))
+        if cache is not None:  # (B, H, T_past + T, D)
+            k, v = cache.update(k, v, self.layer_idx)
+        out = ATTENTION_FUNCTIONS[self.kernel_name()](
+            q,
+            k,
+            v,
+            key_padding_mask=key_padding_mask,
+            dropout_p=self.config.attention_dropout if self.training else 0.0,
+            scale=self.head_dim**-0.5,
+            config=self.config,
+        )  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        return self.dropout(self.o_proj(out))
+
+
+class RevformerFeedForward(nn.Module):
+    """G: pre-normalized SwiGLU feed-forward, run in sequence chunks of `chunk_size` tokens when it is > 0.
+
+    G is position-wise, so chunking changes nothing but peak memory; the reversible engine reads `chunk_size` and
+    re-runs G chunk by chunk in backward too.
+    """
+
+    def __init__(self, config: RevformerConfig) -> None:
+        super().__init__()
+        d, d_ff = config.hidden_size, config.intermediate_size
+        self.chunk_size = config.chunk_size_feed_forward
+        self.norm = RevformerRMSNorm(d, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(d, d_ff, bias=False)
+        self.up_proj = nn.Linear(d, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d, bias=False)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward_chunk(self, x: Tensor) -> Tensor:
+        h = self.norm(x)
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if 0 < self.chunk_size < x.shape[1]:
+            return torch.cat([self.forward_chunk(piece) for piece in x.split(self.chunk_size, dim=1)], dim=1)
+        return self.forward_chunk(x)
+
+
+class RevformerBlock(nn.Module):
+    """One reversible block: `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)`; `f` and `g` are what the engine re-runs."""
+
+    def __init__(self, config: RevformerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention = RevformerAttention(config, layer_idx)
+        self.feed_forward = RevformerFeedForward(config)
+
+    @property
+    def f(self) -> RevformerAttention:
+        return self.attention
+
+    @property
+    def g(self) -> RevformerFeedForward:
+        return self.feed_forward
+
+    def forward(
+        self,
+        x1: Tensor,
+        x2: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        key_padding_mask: Tensor | None = None,
+        cache: Cache | None = None,
+        coupling: StreamCoupling | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The plain (non-reversible) path, with standard autograd."""
+        coupling = coupling or StreamCoupling()
+        y1 = coupling.add(x1, self.f(coupling.read(x2), cos, sin, key_padding_mask, cache))  # y1 = x1 + F(x2)
+        y2 = coupling.add(x2, self.g(coupling.read(y1)))  # y2 = x2 + G(y1)
+        return y1, y2
+
+
+class RevformerPreTrainedModel(PreTrainedModel):
+    config_class = RevformerConfig
+    config: RevformerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    # `gradient_checkpointing_enable()` checkpoints each block of the plain path (`reversible=False`); the
+    # reversible path already keeps activation memory flat in depth and ignores it.
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RevformerBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RevformerRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, RevformerRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
+
+
+class RevformerModel(RevformerPreTrainedModel):
+    """The embedding, the stack of reversible blocks and the final norm; returns the merged hidden state."""
+
+    def __init__(self, config: RevformerConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(RevformerBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RevformerRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RevformerRotaryEmbedding(config)
+        self.coupling = StreamCoupling()
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def uses_randomness(self) -> bool:
+        """Whether a forward pass draws random numbers (dropout, LSH rotations) that a re-run must replay."""
+        dropout = self.training and (self.config.attention_dropout > 0 or self.config.hidden_dropout > 0)
+        return dropout or "lsh" in self.config.attention_layers
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        cache = cache if cache is not None else past_key_values
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        batch, seq = inputs_embeds.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + seq > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence of {past + seq} tokens is longer than this model allows (max_position_embeddings="
+                f"{self.config.max_position_embeddings}); truncate the input or build the model with a larger "
+                f"max_position_embeddings."
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).unsqueeze(0)
+        cos, sin = self.rotary_emb(position_ids)  # (B|1, T, D)
+        key_padding_mask = None  # (B, T_past + T) bool, True = real token; None when nothing is padded
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            key_padding_mask = attention_mask.bool()
+
+        # Streams stay fp32 whatever F and G compute in.
+        x1 = x2 = inputs_embeds.float()
+        hidden_states: list[Tensor] = [x1] if output_hidden_states else []
+        reversible = self.config.reversible and torch.is_grad_enabled() and cache is None and not output_hidden_states
+        if reversible:
+            x1, x2 = reversible_stack(
+                x1, x2, self.layers, (cos, sin, key_padding_mask), self.coupling, self.uses_randomness()
+            )
+        else:
+            checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+            for block in self.layers:
+                if checkpointed:
+                    x1, x2 = self._gradient_checkpointing_func(block.__call__, x1, x2, cos, sin, key_padding_mask)
+                else:
+                    x1, x2 = block(x1, x2, cos, sin, key_padding_mask, cache, self.coupling)
+                if output_hidden_states:
+                    hidden_states.append((x1 + x2) / 2)
+
+        hidden = self.norm((x1 + x2) / 2)  # merge the two streams
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, `chunk_size` positions at a time.
+
+    Full-sequence logits never exist: each chunk's logits give its loss and, at once, its gradients with respect to
+    the hidden states and the head weight, so backward only scales the stored gradients (no second LM-head pass).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
+        # hidden: (N, d), weight: (V, d), targets: (N,)
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            piece = slice(start, start + chunk_size)
+            with torch.enable_grad():
+                h = hidden[piece].detach().requires_grad_(grad_hidden is not None)
+                w = weight.detach().requires_grad_(grad_weight is not None)
+                loss = F.cross_entropy(
+                    F.linear(h, w).float(), targets[piece], ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+            wanted = [t for t in (h, w) if t.requires_grad]
+            if wanted:
+                grads = iter(torch.autograd.grad(loss, wanted))
+                if grad_hidden is not None:
+                    grad_hidden[piece] = next(grads)
+                if grad_weight is not None:
+                    grad_weight += next(grads)
+            total += loss.detach()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def causal_lm_loss(
+    hidden: Tensor,
+    lm_head: nn.Linear,
+    labels: Tensor,
+    chunk_size: int = 0,
+    num_items_in_batch: int | Tensor | None = None,
+) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts `labels[t + 1]`; `-100` labels are ignored.
+
+    `num_items_in_batch` (from Trainer / gradient accumulation) replaces the local count of predicted tokens as the
+    denominator, so accumulated micro-batches average over the whole batch.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # shift left, (B*T,)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if chunk_size > 0:
+        total = ChunkedLMHeadLoss.apply(hidden, lm_head.weight, targets, chunk_size)
+    else:
+        total = F.cross_entropy(lm_head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+    if isinstance(count, Tensor):
+        count = count.to(total.device)
+    return total / count
+
+
+class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RevformerConfig) -> None:
+        super().__init__(config)
+        self.model = RevformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        past_key_values: Cache | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Next-token logits and, given `labels` (the input ids, shifted inside), the mean cross-entropy.
+
+        With `config.loss_chunk_size > 0` and labels, the loss is computed in sequence chunks and `logits` is None:
+        full-sequence logits are what chunking exists to avoid.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state  # (B, T, d)
+        chunk = self.config.loss_chunk_size
+        loss = logits = None
+        if labels is not None:
+            loss = causal_lm_loss(hidden, self.lm_head, labels, chunk, num_items_in_batch)
+        if labels is None or chunk == 0:
+            # logits_to_keep=k keeps the last k positions (generation needs only the last one); 0 keeps all.
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :])
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["RevformerPreTrainedModel", "RevformerModel", "RevformerForCausalLM"]
