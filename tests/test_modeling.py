@@ -1,0 +1,190 @@
+"""RevformerForCausalLM as a Hugging Face model: config, save/load, remote code, generation, pipelines."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, pipeline
+
+from conftest import relative_error, tiny_config
+from revformer import RevformerConfig, RevformerForCausalLM
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return RevformerForCausalLM(tiny_config()).eval()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "divisible by num_attention_heads"),
+        (dict(hidden_size=30, num_attention_heads=6), "even head dimension"),
+        (dict(attention_layers=["full", "lsh", "full"]), "attention_layers has 3 entries"),
+        (dict(attention_layers="sparse"), "Unknown attention kind"),
+        (dict(attention_dropout=1.5), "attention_dropout must be in [0, 1)"),
+        (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
+        (dict(stream_dtype="int8"), "stream_dtype must be one of"),
+    ],
+)
+def test_config_rejects_inconsistent_values(overrides, message):
+    with pytest.raises(Exception, match=re.escape(message)):
+        tiny_config(**overrides)
+
+
+def test_config_round_trips_through_dict_and_auto_config(tmp_path):
+    config = tiny_config(attention_layers=["local", "lsh"], reversible=False, loss_chunk_size=16)
+    assert RevformerConfig(**config.to_dict()).to_dict() == config.to_dict()
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, RevformerConfig)
+    assert loaded.attention_layers == ["local", "lsh"] and loaded.reversible is False and loaded.loss_chunk_size == 16
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    ids = torch.randint(0, 128, (2, 20))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    for module in ("modeling_revformer.py", "configuration_revformer.py", "reversible.py", "attention.py"):
+        assert (tmp_path / module).exists(), module  # the code travels with the weights
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is RevformerForCausalLM
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_remote_code_load_without_revformer_importable(model, tmp_path):
+    ids = torch.randint(0, 128, (1, 12))
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["revformer"] = None  # any `import revformer` now raises ImportError
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        assert not type(model).__module__.startswith("revformer"), type(model).__module__
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            logits = model(expected["ids"]).logits
+        assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        print("remote-ok", type(model).__module__)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote-ok transformers_modules" in result.stdout
+
+
+def test_greedy_generation_is_identical_with_and_without_cache(model):
+    prompt = torch.randint(3, 128, (2, 7))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kwargs)
+    without_cache = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.shape == (2, 19)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_left_padded_batch_matches_unpadded_sequences(model):
+    short, long = torch.randint(3, 128, (1, 5)), torch.randint(3, 128, (1, 9))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1)
+    batch = torch.cat([padded, long])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        batched = model(batch, attention_mask=mask, position_ids=position_ids).logits[:, -1]
+        alone = torch.cat([model(short).logits[:, -1], model(long).logits[:, -1]])
+    assert torch.allclose(batched, alone, atol=1e-5)
+    generated = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    single = model.generate(short, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[0, -6:], single[0, -6:])
+
+
+def test_text_generation_pipeline(byte_tokenizer):
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(byte_tokenizer), pad_token_id=byte_tokenizer.pad_token_id,
+                         bos_token_id=byte_tokenizer.bos_token_id, eos_token_id=byte_tokenizer.eos_token_id)
+    model = RevformerForCausalLM(config).eval()
+    generator = pipeline("text-generation", model=model, tokenizer=byte_tokenizer)
+    out = generator("def main():", max_new_tokens=8, do_sample=False)
+    text = out[0]["generated_text"]
+    assert text.startswith("def main():") and len(byte_tokenizer(text).input_ids) > len(byte_tokenizer("def main():").input_ids)
+
+
+def test_hidden_states_inputs_embeds_logits_to_keep_and_tuples(model):
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+        from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids)).logits
+        assert torch.allclose(from_embeds, out.logits)
+        assert torch.equal(model(ids, logits_to_keep=1).logits, out.logits[:, -1:])
+        as_tuple = model(ids, labels=ids, return_dict=False)
+        assert torch.is_tensor(as_tuple[0]) and as_tuple[0].dim() == 0 and as_tuple[1].shape == out.logits.shape
+
+
+def test_loss_matches_manual_shifted_cross_entropy_and_ignores_minus_100(model):
+    ids = torch.randint(0, 128, (2, 10))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 128)
+    expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    with torch.no_grad():  # Trainer's num_items_in_batch sets the denominator
+        summed = model(ids, labels=labels, num_items_in_batch=1).loss
+    assert torch.allclose(summed, expected * (labels[:, 1:] != -100).sum(), rtol=1e-5)
+
+
+def test_too_long_sequence_names_the_limit(model):
+    ids = torch.zeros(1, model.config.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_position_embeddings=256"):
+        model(ids)
+
+
+def test_gradient_checkpointing_and_peft_hooks_work():
+    torch.manual_seed(0)
+    model = RevformerForCausalLM(tiny_config(reversible=False)).train()
+    ids = torch.randint(0, 128, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.activation_checkpointing_enable()
+    assert model.model.gradient_checkpointing
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        assert relative_error(p.grad, plain[n]) < 1e-6, n
+    model.enable_input_require_grads()  # used by PEFT with frozen embeddings
+    model.get_input_embeddings().weight.requires_grad_(False)
+    assert model(ids, labels=ids).loss.requires_grad
+
+
+def test_resize_token_embeddings_keeps_tying(model):
+    model.resize_token_embeddings(140)
+    assert model.config.vocab_size == 140
+    assert model.lm_head.weight.shape == (140, 32)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert model(torch.tensor([[139, 5]])).logits.shape == (1, 2, 140)
+
+
+def test_eager_and_sdpa_agree():
+    torch.manual_seed(0)
+    sdpa = RevformerForCausalLM(tiny_config()).eval()
+    eager = RevformerForCausalLM(tiny_config(attn_implementation="eager")).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert eager.model.layers[0].attention.kernel_name() == "eager"
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(eager(ids).logits, sdpa(ids).logits, atol=1e-5)
