@@ -24,7 +24,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from .attention import ATTENTION_FUNCTIONS
 from .configuration_revformer import RevformerConfig
-from .reversible import StreamCoupling, reversible_stack
+from .reversible import StreamCoupling, make_coupling, reversible_stack
 
 IGNORE_INDEX = -100
 
@@ -225,7 +225,7 @@ class RevformerModel(RevformerPreTrainedModel):
         self.layers = nn.ModuleList(RevformerBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RevformerRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RevformerRotaryEmbedding(config)
-        self.coupling = StreamCoupling()
+        self.coupling = make_coupling(config.stream_dtype, config.stream_fraction_bits)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -282,9 +282,10 @@ class RevformerModel(RevformerPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
 
-        # Streams stay fp32 whatever F and G compute in.
-        x1 = x2 = inputs_embeds.float()
-        hidden_states: list[Tensor] = [x1] if output_hidden_states else []
+        # Streams stay fp32 (or fixed point) whatever F and G compute in.
+        x1 = x2 = self.coupling.encode(inputs_embeds)
+        decode = self.coupling.decode
+        hidden_states: list[Tensor] = [decode(x1)] if output_hidden_states else []
         reversible = self.config.reversible and torch.is_grad_enabled() and cache is None and not output_hidden_states
         if reversible:
             x1, x2 = reversible_stack(
@@ -298,9 +299,9 @@ class RevformerModel(RevformerPreTrainedModel):
                 else:
                     x1, x2 = block(x1, x2, cos, sin, key_padding_mask, cache, self.coupling)
                 if output_hidden_states:
-                    hidden_states.append((x1 + x2) / 2)
+                    hidden_states.append((decode(x1) + decode(x2)) / 2)
 
-        hidden = self.norm((x1 + x2) / 2)  # merge the two streams
+        hidden = self.norm((decode(x1) + decode(x2)) / 2)  # merge the two streams
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden,
             cache=cache if use_cache else None,

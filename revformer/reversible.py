@@ -67,6 +67,14 @@ class StreamCoupling:
     autocast, so the reconstruction error is that of one fp32 add/subtract per sublayer.
     """
 
+    def encode(self, x: Tensor) -> Tensor:
+        """A float activation as a stream (where the embedding enters)."""
+        return x.float()
+
+    def decode(self, stream: Tensor) -> Tensor:
+        """A stream as a float activation (where the streams are merged for the LM head)."""
+        return stream
+
     def add(self, stream: Tensor, out: Tensor) -> Tensor:
         return stream + out.to(stream.dtype)
 
@@ -183,6 +191,13 @@ class ReversibleStack(torch.autograd.Function):
         flat_param_grads = [g for block_grads in reversed(param_grads) for g in block_grads]
         no_grads = (None,) * (4 + ctx.num_aux)  # blocks, coupling, capture_rng, num_aux, *aux
         return (dy1, dy2, *no_grads, *flat_param_grads)
+
+
+def make_coupling(stream_dtype: str = "float32", fraction_bits: int = 32) -> StreamCoupling:
+    """The coupling for `RevformerConfig.stream_dtype`."""
+    if stream_dtype == "float32":
+        return StreamCoupling()
+    raise NotImplementedError(f"stream_dtype={stream_dtype!r} is not implemented yet")
 
 
 def reversible_params(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
