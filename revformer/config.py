@@ -46,7 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # not applied to norms, biases and embeddings
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     max_grad_norm: float | None = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None  # None: what `accelerate launch` configured
     compile: bool = False  # torch.compile each sublayer (the engine re-runs compiled code in backward)
     # Evaluation, logging, checkpoints
     eval_every: int = 200

@@ -53,7 +53,7 @@ def build_tokenizer(run: RunConfig, accelerator: Accelerator) -> PreTrainedToken
 def build_model(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> RevformerForCausalLM:
     """A fresh model sized to the tokenizer, or (fine-tuning) `train.init_from` with the model section as overrides."""
     if run.train.init_from:
-        model = AutoModelForCausalLM.from_pretrained(run.train.init_from, trust_remote_code=True, **run.model)
+        model = AutoModelForCausalLM.from_pretrained(run.train.init_from, **run.model)
     else:
         config = run.model_config(
             vocab_size=len(tokenizer),
@@ -257,7 +257,7 @@ def model_card(run: RunConfig, model: torch.nn.Module, metrics: dict[str, float]
         "",
         f"# {name}",
         "",
-        f"A reversible decoder-only Transformer trained with [revformer](https://github.com/revformer/revformer): "
+        f"A reversible decoder-only Transformer trained with revformer: "
         f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
         f"attention {sorted(set(config.attention_layers))}, vocabulary {config.vocab_size}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters.",

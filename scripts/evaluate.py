@@ -26,7 +26,7 @@ def main() -> None:
         run.train.eval_batches = run.train.eval_batches if "--train.eval_batches" in " ".join(overrides) else None
         accelerator = Accelerator(mixed_precision=run.train.mixed_precision)
         tokenizer = load_tokenizer(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(args.model)
         check_block_size(run.data.block_size, model.config.max_position_embeddings)
         with accelerator.main_process_first():
             _, val_blocks = prepare_datasets(run.data, tokenizer)

@@ -8,6 +8,8 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import revformer  # noqa: F401  (registers the model classes: no remote code needed)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,7 +26,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "left"  # batched generation continues every prompt from its own end
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()
     prompts = args.prompt or [tokenizer.bos_token or ""]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(args.device)
     sampling = {} if args.greedy else {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}

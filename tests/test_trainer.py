@@ -1,0 +1,181 @@
+"""The training scripts, launched for real in subprocesses, judged by what they write."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from revformer.config import ConfigError, load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def env(tmp: Path, threads: int = 2) -> dict[str, str]:
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "HF_DATASETS_CACHE": str(tmp / "hf_cache"),
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONHASHSEED": "0",
+    }
+
+
+def launch(script: str, tmp: Path, *args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    if processes == 1:
+        cmd = [sys.executable, str(ROOT / "scripts" / script)]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs/accelerate/cpu_ddp.yaml"), "--num_processes", str(processes),
+               "--main_process_port", str(29500 + os.getpid() % 1000), str(ROOT / "scripts" / script)]
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=tmp,
+                            env=env(tmp, threads=2 // processes or 1), timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A small real corpus (slices of stdlib modules) and a tiny run config."""
+    tmp = tmp_path_factory.mktemp("train")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "shlex.py", "glob.py",
+                 "fnmatch.py", "heapq.py", "bisect.py", "colorsys.py", "keyword.py", "string.py"):
+        (corpus / (name.replace("/", "_") + ".txt")).write_text((stdlib / name).read_text()[:6000])
+    config = {
+        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "max_position_embeddings": 128, "hidden_dropout": 0.1},
+        "data": {"dataset": str(corpus), "tokenizer": "byte", "block_size": 64, "validation_fraction": 0.2},
+        "train": {"batch_size": 4, "max_steps": 16, "learning_rate": 5e-3, "warmup_steps": 2, "eval_every": 100,
+                  "eval_batches": 4, "log_every": 2, "checkpoint_every": 100, "report_to": "none"},
+    }
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return tmp
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir) -> Path:
+    out = workdir / "full"
+    launch("pretrain.py", workdir, "--config", "tiny.yaml", "--train.output_dir", str(out),
+           "--train.report_to", "wandb", "--train.eval_every", "4")
+    return out
+
+
+def test_pretraining_lowers_validation_loss_and_logs_to_wandb(uninterrupted):
+    results = json.loads((uninterrupted / "model" / "eval_results.json").read_text())
+    assert results["step"] == 16
+    # An untrained byte-level model scores about ln(259) = 5.56 nats/token; training must beat it clearly.
+    assert results["eval/loss"] < 4.5, results
+    assert results["eval/bpb"] == pytest.approx(results["eval/loss"] / 0.6931471805599453, rel=0.05)
+    runs = list((uninterrupted / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history = next(runs[0].glob("*.wandb")).read_bytes()
+    for key in (b"train/loss", b"train/lr", b"train/tokens_per_s", b"train/grad_norm", b"eval/bpb"):
+        assert key in history, key
+    card = (uninterrupted / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "validation bpb" in card
+
+
+def test_stop_and_resume_equals_uninterrupted(workdir, uninterrupted):
+    out = workdir / "resumed"
+    common = ["--config", "tiny.yaml", "--train.output_dir", str(out)]
+    launch("pretrain.py", workdir, *common, "--train.stop_after_steps", "7")
+    assert (out / "checkpoints" / "step_0000007" / "trainer_state.json").exists()
+    assert not (out / "model").exists()
+    launch("pretrain.py", workdir, *common, "--train.resume_from_checkpoint", "latest")
+    resumed, full = weights(out), weights(uninterrupted)
+    assert resumed.keys() == full.keys()
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+
+
+def test_saved_folder_loads_with_remote_code_and_generates(uninterrupted, workdir):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["revformer"] = None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        folder = {str(uninterrupted / "model")!r}
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = tok("import os", return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + 5
+        print("ok", type(model).__module__)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok transformers_modules" in result.stdout
+    sample = launch("generate.py", workdir, str(uninterrupted / "model"), "--prompt", "def ", "--max_new_tokens", "10")
+    assert sample.stdout.startswith("def ")
+
+
+def test_finetune_from_saved_folder(workdir, uninterrupted):
+    out = workdir / "finetuned"
+    launch("finetune.py", workdir, "--config", "tiny.yaml", "--train.init_from", str(uninterrupted / "model"),
+           "--train.output_dir", str(out), "--train.max_steps", "3", "--train.learning_rate", "1e-3")
+    start, end = weights(uninterrupted), weights(out)
+    assert any(not torch.equal(start[k], end[k]) for k in start)  # it trained
+    assert (out / "model" / "tokenizer.json").read_text() == (uninterrupted / "model" / "tokenizer.json").read_text()
+    metrics = json.loads(launch("evaluate.py", workdir, str(out / "model"), "--config", "tiny.yaml").stdout)
+    assert metrics["eval/bpb"] > 0 and metrics["eval/loss"] < 5.0
+
+
+def test_two_process_ddp_matches_one_process(workdir, uninterrupted):
+    out = workdir / "ddp"
+    launch("pretrain.py", workdir, "--config", "tiny.yaml", "--train.output_dir", str(out), processes=2)
+    ddp, single = weights(out), weights(uninterrupted)
+    for name in single:
+        assert torch.allclose(ddp[name], single[name], atol=2e-5, rtol=1e-4), name
+    assert not (out / "model" / "train_config.yaml").read_text() == ""
+
+
+def test_bad_config_fails_clearly(workdir):
+    result = launch("pretrain.py", workdir, "--config", "tiny.yaml", "--train.max_stepz", "3", check=False)
+    assert result.returncode != 0
+    assert "Unknown key 'train.max_stepz'. Did you mean 'train.max_steps'?" in result.stderr
+    result = launch("pretrain.py", workdir, "--config", "tiny.yaml", "--data.dataset", "/no/such/corpus", check=False)
+    assert result.returncode != 0 and "/no/such/corpus" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--train.learning_rate", "fast"], "'train.learning_rate' must be float"),
+        (["--model.hidden_sise", "64"], "Did you mean 'model.hidden_size'"),
+        (["--model.num_hidden_layers", "2.5"], "'model.num_hidden_layers' must be int"),
+        (["--train.mixed_precision", "fp8"], "'train.mixed_precision' must be"),
+        (["--optim.lr", "1"], "Unknown section"),
+        (["--train.push_to_hub", "true"], "hub_model_id is not set"),
+    ],
+)
+def test_config_errors_name_the_key(workdir, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_run_config(workdir / "tiny.yaml", overrides)
+
+
+def test_overrides_are_typed(workdir):
+    run = load_run_config(workdir / "tiny.yaml", ["--train.learning_rate", "1e-4", "--max_steps=5",
+                                                  "--model.attention_layers", "[local, lsh]"])
+    assert run.train.learning_rate == 1e-4 and run.train.max_steps == 5
+    assert run.model_config(vocab_size=300).attention_layers == ["local", "lsh"]
