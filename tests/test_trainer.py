@@ -179,3 +179,10 @@ def test_overrides_are_typed(workdir):
                                                   "--model.attention_layers", "[local, lsh]"])
     assert run.train.learning_rate == 1e-4 and run.train.max_steps == 5
     assert run.model_config(vocab_size=300).attention_layers == ["local", "lsh"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_recipe_parses_into_a_valid_model(recipe):
+    run = load_run_config(ROOT / "configs" / recipe)
+    config = run.model_config(vocab_size=512)
+    assert config.max_position_embeddings >= run.data.block_size

@@ -1,0 +1,37 @@
+"""Train RevformerForCausalLM with transformers' own Trainer, default DDP settings; used by tests/test_hf_trainer.py.
+
+    python tests/scripts/hf_trainer_run.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/scripts/hf_trainer_run.py OUT_DIR
+"""
+
+import json
+import sys
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from revformer import RevformerConfig, RevformerForCausalLM
+
+out_dir = sys.argv[1]
+torch.manual_seed(0)
+config = RevformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, max_position_embeddings=64, hidden_dropout=0.1)
+model = RevformerForCausalLM(config)
+# A learnable stream: each row counts upward modulo 64 from a random start.
+starts = torch.randint(0, 64, (64, 1))
+ids = (starts + torch.arange(32)) % 64
+dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+args = TrainingArguments(
+    output_dir=out_dir, per_device_train_batch_size=4, max_steps=20, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
+    report_to="none", save_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
+)
+trainer = Trainer(model=model, args=args, train_dataset=dataset)
+result = trainer.train()
+if trainer.is_world_process_zero():
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    ddp = getattr(trainer.model_wrapped, "find_unused_parameters", None)
+    json.dump({"losses": losses, "world_size": args.world_size, "find_unused_parameters": ddp},
+              open(f"{out_dir}/result.json", "w"))
+# Every rank saves its weights: DDP must have kept them identical.
+torch.save(model.state_dict(), f"{out_dir}/weights_rank{args.process_index}.pt")
