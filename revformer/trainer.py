@@ -356,6 +356,7 @@ def train(run: RunConfig) -> Path:
             config=run.to_dict() | {"model_resolved": accelerator.unwrap_model(model).config.to_dict()},
             init_kwargs={"wandb": {"name": run.train.run_name, "dir": str(output_dir)}},
         )
+    stop = StopRequest()  # installed before train_config.yaml appears: from then on a SIGTERM loses nothing
     if accelerator.is_main_process:
         save_run_config(run, output_dir / "train_config.yaml")
 
@@ -363,7 +364,6 @@ def train(run: RunConfig) -> Path:
     tokens_per_step = run.train.batch_size * accum * run.data.block_size
     batches = train_batches(train_blocks, run, accelerator, consumed=step * accum)
     stop_at = min(run.train.max_steps, run.train.stop_after_steps or run.train.max_steps)
-    stop = StopRequest()
     metrics: dict[str, float] = {}
     progress = tqdm(total=run.train.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc="train", unit="step", dynamic_ncols=True)

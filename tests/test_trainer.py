@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,23 @@ def test_every_recipe_parses_into_a_valid_model(recipe):
     run = load_run_config(ROOT / "configs" / recipe)
     config = run.model_config(vocab_size=512)
     assert config.max_position_embeddings >= run.data.block_size
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_is_exact(workdir, uninterrupted):
+    out = workdir / "preempted"
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", "tiny.yaml", "--train.output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "train_config.yaml").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # as a cluster does when it preempts a job
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    checkpoints = sorted((out / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1 and int(checkpoints[0].name.split("_")[1]) < 16, checkpoints
+    assert not (out / "model").exists()
+    launch("pretrain.py", workdir, "--config", "tiny.yaml", "--train.output_dir", str(out),
+           "--train.resume_from_checkpoint", "latest")
+    resumed, full = weights(out), weights(uninterrupted)
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
