@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None, require_init_from: bool = False) -> Path
         if require_init_from and not run.train.init_from:
             raise ConfigError("Fine-tuning needs --train.init_from PATH_OR_HUB_ID (a save_pretrained folder).")
         return train(run)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, NonFiniteLossError) as err:
         sys.exit(f"error: {err}")
 
 

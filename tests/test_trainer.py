@@ -208,3 +208,14 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_exact(workdir, uninterrupted
     resumed, full = weights(out), weights(uninterrupted)
     for name in full:
         assert torch.equal(resumed[name], full[name]), name
+
+
+def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(workdir):
+    out = workdir / "diverged"
+    result = launch("pretrain.py", workdir, "--config", "tiny.yaml", "--train.output_dir", str(out),
+                    "--train.learning_rate", "1e30", "--train.max_grad_norm", "null", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "Non-finite loss" in result.stderr and "resume_from_checkpoint" in result.stderr
+    checkpoints = sorted((out / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1 and str(checkpoints[0]) in result.stderr
+    assert not (out / "model").exists()
