@@ -219,3 +219,24 @@ def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(workdir)
     checkpoints = sorted((out / "checkpoints").glob("step_*"))
     assert len(checkpoints) == 1 and str(checkpoints[0]) in result.stderr
     assert not (out / "model").exists()
+
+
+def test_push_to_hub_uploads_the_saved_folder(monkeypatch, uninterrupted, workdir):
+    import huggingface_hub
+
+    from revformer.trainer import push_folder
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, private, exist_ok: calls.setdefault("create", (repo_id, private)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, repo_id, folder_path, commit_message: calls.setdefault("upload", (repo_id, folder_path)))
+    run = load_run_config(workdir / "tiny.yaml", ["--train.push_to_hub", "true", "--train.hub_model_id", "me/tiny"])
+    push_folder(uninterrupted / "model", run, "test")
+    assert calls["create"] == ("me/tiny", True)
+    repo_id, folder = calls["upload"]
+    files = {p.name for p in Path(folder).iterdir()}
+    # Everything a trust_remote_code user needs: weights, config with auto_map, code, tokenizer, card.
+    assert {"model.safetensors", "config.json", "modeling_revformer.py", "reversible.py", "attention.py",
+            "configuration_revformer.py", "tokenizer.json", "README.md"} <= files
+    assert "auto_map" in json.loads((Path(folder) / "config.json").read_text())
