@@ -20,8 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    GradientAccumulationPlugin,
+    set_seed,
+)
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
@@ -108,6 +114,29 @@ def configure_tracking(run: RunConfig) -> str | None:
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     return "wandb"
+
+
+def launched_on_cpu_processes() -> bool:
+    """Several processes (`accelerate launch` / torchrun set WORLD_SIZE) on a machine without CUDA."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Hand the CPU process group the FSDP plugin that the launch config describes.
+
+    accelerate turns its FSDP plugin on only for accelerator devices, but FSDP2 (`fully_shard`) runs on CPU over
+    gloo: this is how sharded training is exercised for real on machines without GPUs (the tests do). On GPUs
+    accelerate sets everything up itself and this is not called.
+    """
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` exported
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    # Both state singletons: accelerate re-syncs AcceleratorState from PartialState while preparing the model.
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 # ----------------------------------------------------------------------------- data position
@@ -322,7 +351,11 @@ def train(run: RunConfig) -> Path:
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         log_with=log_with,
         project_dir=str(output_dir),
+        # Without this, accelerate on a CUDA-less machine runs each launched process as a world of one.
+        cpu=launched_on_cpu_processes(),
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        enable_fsdp_on_cpu(accelerator)
     if run.train.batch_size % accelerator.num_processes:
         raise ConfigError(
             f"train.batch_size={run.train.batch_size} must be divisible by the {accelerator.num_processes} processes "
@@ -330,6 +363,10 @@ def train(run: RunConfig) -> Path:
         )
     set_seed(run.train.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.print(
+        f"revformer: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+    )
 
     tokenizer = build_tokenizer(run, accelerator)
     with accelerator.main_process_first():  # rank 0 tokenizes and packs; the others reuse the datasets cache
