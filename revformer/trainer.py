@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from .config import ConfigError, RunConfig, save_run_config
-from .data import DataConfig, bits_per_byte, build_dataloader, check_block_size, load_text_splits, prepare_datasets
+from .data import DataConfig, bits_per_byte, build_dataloader, check_block_size, prepare_datasets
 from .modeling_revformer import RevformerForCausalLM
 from .tokenizer import get_tokenizer, load_tokenizer
 

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from revformer import RevformerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides) -> RevformerConfig:
@@ -49,3 +59,60 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+# ---------------------------------------------------------------- launching the real training scripts
+
+
+def env(tmp: Path, threads: int = 2) -> dict[str, str]:
+    """Offline, isolated, deterministic environment for a training subprocess."""
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "HF_DATASETS_CACHE": str(tmp / "hf_cache"),
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONHASHSEED": "0",
+    }
+
+
+def launch(
+    script: str, tmp: Path, *args: str, processes: int = 1, check: bool = True, accelerate_config: str = "cpu_ddp.yaml"
+) -> subprocess.CompletedProcess:
+    """Run `scripts/<script>` in `tmp`: plainly for one process, through `accelerate launch` for several."""
+    if processes == 1:
+        cmd = [sys.executable, str(ROOT / "scripts" / script)]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs/accelerate" / accelerate_config), "--num_processes", str(processes),
+               "--main_process_port", str(29500 + os.getpid() % 1000), str(ROOT / "scripts" / script)]
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=tmp,
+                            env=env(tmp, threads=2 // processes or 1), timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def make_workdir(tmp: Path) -> Path:
+    """A small real corpus (slices of stdlib modules) and a tiny run config `tiny.yaml` in `tmp`."""
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "shlex.py", "glob.py",
+                 "fnmatch.py", "heapq.py", "bisect.py", "colorsys.py", "keyword.py", "string.py"):
+        (corpus / (name.replace("/", "_") + ".txt")).write_text((stdlib / name).read_text()[:6000])
+    config = {
+        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "max_position_embeddings": 128, "hidden_dropout": 0.1},
+        "data": {"dataset": str(corpus), "tokenizer": "byte", "block_size": 64, "validation_fraction": 0.2},
+        "train": {"batch_size": 4, "max_steps": 16, "learning_rate": 5e-3, "warmup_steps": 2, "eval_every": 100,
+                  "eval_batches": 4, "log_every": 2, "checkpoint_every": 100, "report_to": "none"},
+    }
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return tmp
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The final saved weights of a run."""
+    return load_file(folder / "model" / "model.safetensors")

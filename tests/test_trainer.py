@@ -3,75 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
+from conftest import ROOT, env, launch, make_workdir, weights
 from revformer.config import ConfigError, load_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def env(tmp: Path, threads: int = 2) -> dict[str, str]:
-    return {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "HF_DATASETS_CACHE": str(tmp / "hf_cache"),
-        "OMP_NUM_THREADS": str(threads),
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONHASHSEED": "0",
-    }
-
-
-def launch(script: str, tmp: Path, *args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    if processes == 1:
-        cmd = [sys.executable, str(ROOT / "scripts" / script)]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs/accelerate/cpu_ddp.yaml"), "--num_processes", str(processes),
-               "--main_process_port", str(29500 + os.getpid() % 1000), str(ROOT / "scripts" / script)]
-    result = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=tmp,
-                            env=env(tmp, threads=2 // processes or 1), timeout=600)
-    if check:
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A small real corpus (slices of stdlib modules) and a tiny run config."""
-    tmp = tmp_path_factory.mktemp("train")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("json/decoder.py", "json/encoder.py", "csv.py", "textwrap.py", "shlex.py", "glob.py",
-                 "fnmatch.py", "heapq.py", "bisect.py", "colorsys.py", "keyword.py", "string.py"):
-        (corpus / (name.replace("/", "_") + ".txt")).write_text((stdlib / name).read_text()[:6000])
-    config = {
-        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                  "max_position_embeddings": 128, "hidden_dropout": 0.1},
-        "data": {"dataset": str(corpus), "tokenizer": "byte", "block_size": 64, "validation_fraction": 0.2},
-        "train": {"batch_size": 4, "max_steps": 16, "learning_rate": 5e-3, "warmup_steps": 2, "eval_every": 100,
-                  "eval_batches": 4, "log_every": 2, "checkpoint_every": 100, "report_to": "none"},
-    }
-    (tmp / "tiny.yaml").write_text(yaml.safe_dump(config))
-    return tmp
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model" / "model.safetensors")
+    return make_workdir(tmp_path_factory.mktemp("train"))
 
 
 @pytest.fixture(scope="module")
