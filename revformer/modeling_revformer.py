@@ -24,7 +24,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from .attention import ATTENTION_FUNCTIONS
 from .configuration_revformer import RevformerConfig
-from .reversible import StreamCoupling, make_coupling, reversible_stack
+from .reversible import StreamCoupling, forward_blocks, make_coupling, reconstruct_inputs, reversible_stack
 
 IGNORE_INDEX = -100
 
@@ -198,7 +198,9 @@ class RevformerPreTrainedModel(PreTrainedModel):
     # `gradient_checkpointing_enable()` checkpoints each block of the plain path (`reversible=False`); the
     # reversible path already keeps activation memory flat in depth and ignores it.
     supports_gradient_checkpointing = True
-    _no_split_modules = ["RevformerBlock"]
+    # The sublayers, not the block: the reversible engine calls `block.f` and `block.g` directly, so they are the
+    # units that FSDP must gather (and device maps must keep whole).
+    _no_split_modules = ["RevformerAttention", "RevformerFeedForward"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -239,6 +241,24 @@ class RevformerModel(RevformerPreTrainedModel):
         """Whether a forward pass draws random numbers (dropout, LSH rotations) that a re-run must replay."""
         dropout = self.training and (self.config.attention_dropout > 0 or self.config.hidden_dropout > 0)
         return dropout or "lsh" in self.config.attention_layers
+
+    @torch.no_grad()
+    def reconstruction_error(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> float:
+        """max |x - x'| over both streams, x' being the first layer's input rebuilt from the top streams.
+
+        The inverse that reversible backward relies on, run alone: exactly 0.0 with fixed-point streams; with float
+        streams it grows with depth and weight size. Call it under the training autocast to measure what training
+        sees. Dropout draws are replayed as in backward, and the caller's RNG stream is left untouched.
+        """
+        device = input_ids.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            cos, sin = self.rotary_emb(torch.arange(input_ids.shape[1], device=device).unsqueeze(0))
+            padded = attention_mask is not None and not bool(attention_mask.all())
+            aux = (cos, sin, attention_mask.bool() if padded else None)
+            x = self.coupling.encode(self.embed_tokens(input_ids))
+            y1, y2, contexts = forward_blocks(x, x, self.layers, aux, self.coupling, self.uses_randomness())
+            x1, x2 = reconstruct_inputs(y1, y2, self.layers, aux, self.coupling, contexts)
+        return max((x1.double() - x.double()).abs().max().item(), (x2.double() - x.double()).abs().max().item())
 
     def forward(
         self,
@@ -295,7 +315,9 @@ class RevformerModel(RevformerPreTrainedModel):
             checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
             for block in self.layers:
                 if checkpointed:
-                    x1, x2 = self._gradient_checkpointing_func(block.__call__, x1, x2, cos, sin, key_padding_mask)
+                    x1, x2 = self._gradient_checkpointing_func(
+                        block.__call__, x1, x2, cos, sin, key_padding_mask, None, self.coupling
+                    )
                 else:
                     x1, x2 = block(x1, x2, cos, sin, key_padding_mask, cache, self.coupling)
                 if output_hidden_states:

@@ -13,9 +13,17 @@ blocks in reverse and re-runs G, then F, once each with grad enabled: the same r
 and yields its gradients, so the price is one extra forward per sublayer and activation memory does not depend on
 depth.
 
+How a sublayer output joins a stream is a `StreamCoupling`. With float streams `(x + out) - out != x` in general and
+the rebuilt inputs drift from the true ones, more so with depth, low-precision compute and large weights. With
+`FixedPointCoupling` the streams live on a grid of 2^-k and every output is rounded to it before the add, so the
+subtraction undoes the addition bit for bit and the reversible gradients equal those of plain backprop.
+
 Parameters are inputs of the Function and their gradients are its outputs (computed with `torch.autograd.grad`,
 never `.backward()` inside backward). Autograd therefore accumulates each parameter's gradient exactly once, through
 its ordinary `AccumulateGrad` node, which is what DDP's reducer expects with `find_unused_parameters` True or False.
+Under FSDP2 the sublayers' parameters are sharded and gathered only around each call, so they cannot be inputs:
+there the re-run is back-propagated with an ordinary (nested) backward, whose gradients FSDP's own hooks
+reduce-scatter once per re-run; FSDP has no reducer that a nested backward could confuse.
 
 Pure torch: this file goes to the Hub beside the model code and must not import revformer or transformers.
 """
@@ -23,6 +31,7 @@ Pure torch: this file goes to the Hub beside the model code and must not import 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -61,11 +70,14 @@ class ForwardContext:
 
 
 class StreamCoupling:
-    """How a sublayer's output joins a residual stream: `y = x + out` and its exact inverse `x = y - out`.
+    """How a sublayer's output joins a residual stream: `y = x + out` and its inverse `x = y - out`.
 
     Streams are kept in fp32 (or whatever dtype they arrive in) even when F and G compute in bf16/fp16 under
     autocast, so the reconstruction error is that of one fp32 add/subtract per sublayer.
     """
+
+    # Streams must stay below this magnitude for `subtract` to undo `add` exactly; inf: nothing to check.
+    limit: float = math.inf
 
     def encode(self, x: Tensor) -> Tensor:
         """A float activation as a stream (where the embedding enters)."""
@@ -82,8 +94,102 @@ class StreamCoupling:
         return stream - out.to(stream.dtype)
 
     def read(self, stream: Tensor) -> Tensor:
-        """The value a sublayer sees when it reads `stream`."""
+        """The value a sublayer sees when it reads `stream`: a cast at most, since the engine differentiates with
+        respect to this value and treats `read`'s own gradient as the identity."""
         return stream
+
+    def check_range(self, peak: Tensor) -> None:
+        """Raise if a stream reached `peak` = max |value|, which this coupling cannot hold exactly."""
+
+
+class FixedPointCoupling(StreamCoupling):
+    """Streams on a fixed-point grid of 2^-k (k = `fraction_bits`): exactly invertible at any compute precision.
+
+    A stream is a float64 tensor holding integer multiples of 2^-k below `limit` = 2^(53-k) in magnitude, i.e. a
+    signed integer count of grid steps that fits float64's 53-bit significand. The sum of two such values is again
+    such an integer, so float64 adds and subtracts them exactly (an integer adder); each sublayer output is rounded to
+    the grid before it joins a stream, and `(x + q) - q == x` bit for bit. Float64 rather than int64 because
+    autograd needs floats: the plain path, the engine and the autograd Function's inputs and outputs then share one
+    representation and nothing is converted at the boundaries.
+
+    Gradients pass through the rounding unchanged (straight-through), so the reversible path's gradients equal the
+    plain path's run on the same streams. F and G read the stream rounded to fp32, as with float32 streams.
+
+    k = 32 (the default) gives a step of 2.3e-10, finer than fp32's spacing for any |x| > 2^-8, and a limit of
+    2^21 ~ 2.1e6, far above realistic activations. Only the reversible engine checks the limit (`check_range`, once
+    per forward): the plain path does not rely on exactness, and past the limit it merely rounds like float64.
+    """
+
+    def __init__(self, fraction_bits: int = 32) -> None:
+        if not 1 <= fraction_bits <= 52:
+            raise ValueError(f"fraction_bits must be in [1, 52] (float64 has a 53-bit significand), got {fraction_bits}")
+        self.fraction_bits = fraction_bits
+        self.scale = 2.0**fraction_bits
+        self.step = 2.0**-fraction_bits
+        self.limit = 2.0 ** (53 - fraction_bits)
+
+    def _straight_through(self, x: Tensor) -> bool:
+        return x.requires_grad and torch.is_grad_enabled()
+
+    def grid_steps(self, x: Tensor) -> Tensor:
+        """round(x * 2^k): the nearest grid point to `x`, counted in steps of 2^-k (integer-valued, no gradient)."""
+        # In fp32 (fp64 for fp64 input): scaling by 2^k is exact there and the rounded value is exactly
+        # representable, while fp16 would overflow at 2^k. A copy, since mul_/round_ must not touch `x` itself.
+        wide = x.detach().to(torch.promote_types(x.dtype, torch.float32), copy=True)
+        return wide.mul_(self.scale).round_()
+
+    def to_grid(self, x: Tensor) -> Tensor:
+        """`x` rounded to the nearest multiple of 2^-k, as float64; its gradient is the identity (straight-through)."""
+        grid = self.grid_steps(x).double().mul_(self.step)  # q = round(x * 2^k) * 2^-k, exact
+        if self._straight_through(x):
+            # x - x.detach() is exactly 0, so the value stays q while autograd sees dq/dx = 1; the float64 gradient
+            # is cast straight to x's dtype, as the engine casts dL/dy for its re-run.
+            grid = grid + (x - x.detach()).double()
+        return grid
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.to_grid(x)
+
+    def decode(self, stream: Tensor) -> Tensor:
+        return stream.float()
+
+    # Without grad (the engine) the add is one fused pass, stream + grid_steps * 2^-k in float64; with grad (the plain
+    # path) it goes through to_grid for the straight-through gradient. Both are exact, hence bit-identical.
+    def add(self, stream: Tensor, out: Tensor) -> Tensor:
+        if self._straight_through(out):
+            return stream + self.to_grid(out)
+        return torch.add(stream, self.grid_steps(out), alpha=self.step)  # y = x + round(out * 2^k) * 2^-k
+
+    def subtract(self, stream: Tensor, out: Tensor) -> Tensor:
+        if self._straight_through(out):
+            return stream - self.to_grid(out)
+        return torch.sub(stream, self.grid_steps(out), alpha=self.step)  # x = y - round(out * 2^k) * 2^-k
+
+    def read(self, stream: Tensor) -> Tensor:
+        return stream.float()
+
+    def check_range(self, peak: Tensor) -> None:
+        value = peak.item()
+        k = self.fraction_bits
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"Fixed-point residual stream received a non-finite sublayer output (max |stream| = {value}): the "
+                f"model diverged or the compute dtype overflowed. Fewer stream_fraction_bits will not help; lower the "
+                f"learning rate or check the inputs."
+            )
+        if value >= self.limit:
+            raise OverflowError(
+                f"Fixed-point residual stream out of range: max |stream| = {value:.6g} reached the limit "
+                f"{self.limit:.6g} = 2^{53 - k} of a 2^-{k} grid (stream_fraction_bits={k}), beyond which the "
+                f"reversible coupling is no longer exact. Use fewer stream_fraction_bits (each bit fewer doubles the "
+                f"limit), e.g. stream_fraction_bits={max(1, 52 - math.ceil(math.log2(value)))}."
+            )
+
+
+def _extremes(stream: Tensor) -> Tensor:
+    """(min, max) of `stream` as a 2-element float64 tensor on its device; NaN if any element is NaN."""
+    # aminmax: one fused reduction without an |x| temporary (on CPU 2x faster than abs().amax(), 5x than norm(inf)).
+    return torch.stack(torch.aminmax(stream)).double()
 
 
 def _sublayer_params(module: nn.Module) -> list[nn.Parameter]:
@@ -96,8 +202,39 @@ def _grads_or_zeros(grads: Sequence[Tensor | None], params: Sequence[Tensor]) ->
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
+def is_sharded(blocks: Sequence[nn.Module]) -> bool:
+    """Whether FSDP2 (`fully_shard`) manages the sublayers: their parameters are then gathered per call."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return False
+    return any(isinstance(sub, FSDPModule) for block in blocks for sub in (block.f, block.g))
+
+
+def _backprop(
+    out: Tensor, inp: Tensor, params: Sequence[Tensor], grad_out: Tensor, accumulate: bool
+) -> tuple[Tensor, list[Tensor | None]]:
+    """dL/d(inp) of a re-run sublayer and, unless `accumulate`, dL/d(params).
+
+    `accumulate` (FSDP2): gradients go into `.grad` of the gathered parameters by an ordinary backward through the
+    re-run, which is what FSDP's post-backward hook (registered on the sublayer's input) reduce-scatters into the
+    shards, exactly once per re-run. Otherwise they are returned, to leave the Function as its outputs (DDP-safe).
+    """
+    if accumulate:
+        torch.autograd.backward(out, grad_out)
+        return inp.grad, []
+    grads = torch.autograd.grad(out, (inp, *params), grad_out, allow_unused=True)
+    return grads[0], list(grads[1:])
+
+
 def _rerun_feed_forward(
-    g: nn.Module, g_ctx: ForwardContext, coupling: StreamCoupling, y1: Tensor, y2: Tensor, dy2: Tensor
+    g: nn.Module,
+    g_ctx: ForwardContext,
+    coupling: StreamCoupling,
+    y1: Tensor,
+    y2: Tensor,
+    dy2: Tensor,
+    accumulate: bool = False,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Re-run G on y1 with grad; return (x2 = y2 - G(y1), (dG/dy1)^T dy2, parameter gradients).
 
@@ -105,7 +242,7 @@ def _rerun_feed_forward(
     its intermediate activation never exists for the whole sequence, in backward as in forward. The chunks run in
     forward order inside one RNG replay, so dropout draws match the forward pass.
     """
-    params = _sublayer_params(g)
+    params = [] if accumulate else _sublayer_params(g)
     seq_len = y1.shape[1]
     chunk = getattr(g, "chunk_size", 0) or seq_len
     x2_parts, dy1_parts = [], []
@@ -113,18 +250,81 @@ def _rerun_feed_forward(
     with g_ctx.replay():
         for start in range(0, seq_len, chunk):
             piece = slice(start, start + chunk)
+            # Differentiate with respect to what G reads: `read` is a cast, whose gradient is the identity.
+            g_in = coupling.read(y1[:, piece]).detach().requires_grad_()
             with torch.enable_grad():
-                y1_leaf = y1[:, piece].detach().requires_grad_()
-                g_out = g(coupling.read(y1_leaf))
-            grads = torch.autograd.grad(
-                g_out, (y1_leaf, *params), dy2[:, piece].to(g_out.dtype), allow_unused=True
-            )
+                g_out = g(g_in)
+            g_in_grad, grads = _backprop(g_out, g_in, params, dy2[:, piece].to(g_out.dtype), accumulate)
             with torch.no_grad():
                 x2_parts.append(coupling.subtract(y2[:, piece], g_out))
-            dy1_parts.append(grads[0].to(dy2.dtype))
-            param_grads = [a if b is None else (b if a is None else a + b) for a, b in zip(param_grads, grads[1:])]
+            dy1_parts.append(g_in_grad.to(dy2.dtype))
+            param_grads = [a if b is None else (b if a is None else a + b) for a, b in zip(param_grads, grads)]
             del g_out
+    if len(x2_parts) == 1:  # unchunked: spare the copy
+        return x2_parts[0], dy1_parts[0], _grads_or_zeros(param_grads, params)
     return torch.cat(x2_parts, dim=1), torch.cat(dy1_parts, dim=1), _grads_or_zeros(param_grads, params)
+
+
+Contexts = list[tuple[ForwardContext, ForwardContext]]  # (F, G) forward contexts, one pair per block
+
+
+def forward_blocks(
+    x1: Tensor,
+    x2: Tensor,
+    blocks: Sequence[nn.Module],
+    aux: Sequence[Tensor | None],
+    coupling: StreamCoupling,
+    capture_rng: bool,
+) -> tuple[Tensor, Tensor, Contexts]:
+    """Run `blocks` without grad: the top streams `(y1, y2)` and each sublayer's context for replaying it.
+
+    With a coupling of finite `limit` (fixed point) it raises when a stream leaves the exactly representable range.
+    """
+    contexts: Contexts = []
+    # The extremes of every stream value are gathered on the device and checked once after the loop: one host sync
+    # per forward, not one per sublayer. An inexact add can only yield a value >= limit, so checking results suffices.
+    check = math.isfinite(coupling.limit)
+    extremes = [_extremes(x1), _extremes(x2)] if check else []
+    with torch.no_grad():
+        for block in blocks:
+            f_ctx = ForwardContext(x1.device, capture_rng)
+            x1 = coupling.add(x1, block.f(coupling.read(x2), *aux))  # y1 = x1 + F(x2)
+            g_ctx = ForwardContext(x1.device, capture_rng)
+            x2 = coupling.add(x2, block.g(coupling.read(x1)))  # y2 = x2 + G(y1)
+            contexts.append((f_ctx, g_ctx))
+            if check:
+                extremes += [_extremes(x1), _extremes(x2)]
+    if check:
+        coupling.check_range(torch.cat(extremes).abs().max())
+    return x1, x2, contexts
+
+
+@torch.no_grad()
+def reconstruct_inputs(
+    y1: Tensor,
+    y2: Tensor,
+    blocks: Sequence[nn.Module],
+    aux: Sequence[Tensor | None] = (),
+    coupling: StreamCoupling | None = None,
+    contexts: Contexts | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The stack's input `(x1, x2)` rebuilt from its output by inverting every block, as backward does.
+
+    Pass the `contexts` from `forward_blocks` when sublayers draw random numbers (dropout, LSH), so each re-run
+    replays its forward draws; without them the sublayers run under the current RNG and autocast state.
+    """
+    coupling = coupling or StreamCoupling()
+
+    def replay(i: int, sublayer: int) -> contextlib.AbstractContextManager:
+        return contexts[i][sublayer].replay() if contexts is not None else contextlib.nullcontext()
+
+    for i in reversed(range(len(blocks))):
+        with replay(i, 1):
+            x2 = coupling.subtract(y2, blocks[i].g(coupling.read(y1)))  # x2 = y2 - G(y1)
+        with replay(i, 0):
+            x1 = coupling.subtract(y1, blocks[i].f(coupling.read(x2), *aux))  # x1 = y1 - F(x2)
+        y1, y2 = x1, x2
+    return y1, y2
 
 
 class ReversibleStack(torch.autograd.Function):
@@ -132,7 +332,8 @@ class ReversibleStack(torch.autograd.Function):
 
     Call as `ReversibleStack.apply(x1, x2, blocks, coupling, capture_rng, num_aux, *aux, *params)`: `aux` are extra
     tensors every F receives (rotary cos/sin, padding mask; no gradient flows to them), `params` are all trainable
-    parameters of `blocks` in `reversible_params(blocks)` order.
+    parameters of `blocks` in `reversible_params(blocks)` order. Streams go in and come out in the coupling's
+    representation (float64 on the grid for fixed point), which is a float so that autograd can carry their gradients.
     """
 
     @staticmethod
@@ -147,43 +348,34 @@ class ReversibleStack(torch.autograd.Function):
         *aux_and_params: Tensor,
     ) -> tuple[Tensor, Tensor]:
         aux = aux_and_params[:num_aux]
-        f_contexts, g_contexts = [], []
-        with torch.no_grad():
-            for block in blocks:
-                f_contexts.append(ForwardContext(x1.device, capture_rng))
-                y1 = coupling.add(x1, block.f(coupling.read(x2), *aux))  # y1 = x1 + F(x2)
-                g_contexts.append(ForwardContext(x1.device, capture_rng))
-                y2 = coupling.add(x2, block.g(coupling.read(y1)))  # y2 = x2 + G(y1)
-                x1, x2 = y1, y2
-        ctx.blocks, ctx.coupling = blocks, coupling
-        ctx.f_contexts, ctx.g_contexts = f_contexts, g_contexts
+        y1, y2, contexts = forward_blocks(x1, x2, blocks, aux, coupling, capture_rng)
+        ctx.blocks, ctx.coupling, ctx.contexts = blocks, coupling, contexts
         ctx.num_aux = num_aux
-        ctx.save_for_backward(x1, x2, *aux)
-        return x1, x2
+        ctx.sharded = is_sharded(blocks)  # then no parameters were handed in: FSDP reduces their gradients
+        ctx.save_for_backward(y1, y2, *aux)  # the top streams: every other activation is rebuilt from them
+        return y1, y2
 
     @staticmethod
     def backward(ctx: Any, dy1: Tensor, dy2: Tensor) -> tuple[Tensor | None, ...]:
         y1, y2, *aux = ctx.saved_tensors
         coupling: StreamCoupling = ctx.coupling
         param_grads: list[list[Tensor]] = []
-        for block, f_ctx, g_ctx in zip(
-            reversed(ctx.blocks), reversed(ctx.f_contexts), reversed(ctx.g_contexts)
-        ):
+        for block, (f_ctx, g_ctx) in zip(reversed(ctx.blocks), reversed(ctx.contexts)):
             # --- G: x2 = y2 - G(y1); dL/dy1 += (dG/dy1)^T dL/dy2 ---
-            x2, dy1_from_g, g_grads = _rerun_feed_forward(block.g, g_ctx, coupling, y1, y2, dy2)
+            x2, dy1_from_g, g_grads = _rerun_feed_forward(block.g, g_ctx, coupling, y1, y2, dy2, ctx.sharded)
             dy1 = dy1 + dy1_from_g
 
             # --- F: x1 = y1 - F(x2); dL/dx2 = dL/dy2 + (dF/dx2)^T dL/dy1 ---
-            f_params = _sublayer_params(block.f)
+            f_params = [] if ctx.sharded else _sublayer_params(block.f)
             with torch.enable_grad(), f_ctx.replay():
-                x2_leaf = x2.detach().requires_grad_()
-                f_out = block.f(coupling.read(x2_leaf), *aux)
-            grads = torch.autograd.grad(f_out, (x2_leaf, *f_params), dy1.to(f_out.dtype), allow_unused=True)
+                f_in = coupling.read(x2).detach().requires_grad_()
+                f_out = block.f(f_in, *aux)
+            f_in_grad, grads = _backprop(f_out, f_in, f_params, dy1.to(f_out.dtype), ctx.sharded)
             with torch.no_grad():
                 x1 = coupling.subtract(y1, f_out)
             del f_out
-            dx2 = dy2 + grads[0].to(dy2.dtype)
-            f_grads = _grads_or_zeros(grads[1:], f_params)
+            dx2 = dy2 + f_in_grad.to(dy2.dtype)
+            f_grads = _grads_or_zeros(grads, f_params)
 
             param_grads.append(f_grads + g_grads)
             y1, y2, dy1, dy2 = x1, x2, dy1, dx2
@@ -194,10 +386,12 @@ class ReversibleStack(torch.autograd.Function):
 
 
 def make_coupling(stream_dtype: str = "float32", fraction_bits: int = 32) -> StreamCoupling:
-    """The coupling for `RevformerConfig.stream_dtype`."""
+    """The coupling for `RevformerConfig.stream_dtype` (`fraction_bits` is `stream_fraction_bits`)."""
     if stream_dtype == "float32":
         return StreamCoupling()
-    raise NotImplementedError(f"stream_dtype={stream_dtype!r} is not implemented yet")
+    if stream_dtype == "fixed_point":
+        return FixedPointCoupling(fraction_bits)
+    raise ValueError(f"Unknown stream_dtype {stream_dtype!r}; choose 'float32' or 'fixed_point'.")
 
 
 def reversible_params(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
@@ -217,7 +411,8 @@ def reversible_stack(
 
     `capture_rng=False` skips the RNG snapshots when no sublayer draws random numbers (no dropout, no LSH).
     """
-    params = reversible_params(blocks)
+    # FSDP2 swaps gathered parameters in and out of the sublayers around each call, so sharded blocks keep theirs.
+    params = [] if is_sharded(blocks) else reversible_params(blocks)
     return ReversibleStack.apply(
         x1, x2, tuple(blocks), coupling or StreamCoupling(), capture_rng, len(aux), *aux, *params
     )

@@ -249,6 +249,9 @@ def save_model_folder(
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards onto rank 0
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        if unwrapped.config.tie_word_embeddings:  # a gathered state dict lists tied weights twice; save them once
+            for tied in unwrapped._tied_weights_keys:
+                state_dict.pop(tied, None)
         unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         save_run_config(run, folder / "train_config.yaml")
