@@ -167,6 +167,16 @@ def train_batches(
         epoch, skip = epoch + 1, 0
 
 
+def sequence_nats(model: torch.nn.Module, ids: torch.Tensor, chunked_loss: bool) -> torch.Tensor:
+    """Summed next-token cross-entropy (nats) of each sequence in `ids`, as float64, shape (B,)."""
+    if chunked_loss:
+        # One block at a time through the chunked loss: full-sequence logits are what chunking avoids.
+        return torch.stack([model(input_ids=row, labels=row).loss.double() * (ids.shape[1] - 1) for row in ids.split(1)])
+    logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return per_token.view(ids.shape[0], -1).sum(1).double()
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val_blocks: Any, run: RunConfig, accelerator: Accelerator) -> dict[str, float]:
     """Validation loss (nats/token), perplexity and bits per byte, summed over all processes' shards."""
@@ -174,20 +184,16 @@ def evaluate(model: torch.nn.Module, val_blocks: Any, run: RunConfig, accelerato
     loader = accelerator.prepare_data_loader(
         build_dataloader(val_blocks, run.train.batch_size, seed=0, shuffle=False, drop_last=False)
     )
+    chunked_loss = accelerator.unwrap_model(model).config.loss_chunk_size > 0
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nats, tokens, bytes
     for i, batch in enumerate(loader):
         if run.train.eval_batches is not None and i >= run.train.eval_batches:
             break
         ids = batch["input_ids"]
-        per_sample = []
-        for row in ids.split(1):  # one block at a time: chunked-loss models never build full logits
-            with accelerator.autocast():
-                loss = model(input_ids=row, labels=row).loss.double()
-            per_sample.append(loss * (row.shape[1] - 1))
-        stats = torch.stack(
-            [torch.stack(per_sample), torch.full_like(per_sample[0], ids.shape[1] - 1).expand(len(per_sample)),
-             batch["num_bytes"].to(torch.float64)], dim=1
-        )  # (B, 3)
+        with accelerator.autocast():
+            nats = sequence_nats(model, ids, chunked_loss)  # (B,)
+        predicted = torch.full_like(nats, ids.shape[1] - 1)
+        stats = torch.stack([nats, predicted, batch["num_bytes"].to(torch.float64)], dim=1)  # (B, 3)
         totals += accelerator.gather_for_metrics(stats).sum(0)  # drops the duplicates padding the last batch
     model.train()
     nats, tokens, nbytes = totals.tolist()
