@@ -188,3 +188,22 @@ def test_eager_and_sdpa_agree():
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         assert torch.allclose(eager(ids).logits, sdpa(ids).logits, atol=1e-5)
+
+
+def test_generation_from_embeds_from_a_returned_cache_and_with_other_decoders():
+    torch.manual_seed(0)
+    model = RevformerForCausalLM(tiny_config(initializer_range=0.5)).eval()  # large weights: varied greedy tokens
+    ids = torch.randint(3, 128, (1, 6))
+    greedy = dict(do_sample=False, pad_token_id=0)
+    reference = model.generate(ids, max_new_tokens=8, **greedy)
+    assert len(set(reference[0, 6:].tolist())) > 2  # a meaningful reference, not one repeated token
+    embeds = model.get_input_embeddings()(ids)
+    assert torch.equal(model.generate(inputs_embeds=embeds, max_new_tokens=8, **greedy), reference[:, 6:])
+    first = model.generate(ids, max_new_tokens=3, return_dict_in_generate=True, **greedy)
+    continued = model.generate(first.sequences, cache=first.cache, max_new_tokens=5, **greedy)
+    assert torch.equal(continued, reference)
+    assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=2, max_new_tokens=8, **greedy), reference)
+    beams = model.generate(ids, num_beams=3, num_return_sequences=3, max_new_tokens=8, pad_token_id=0)
+    assert beams.shape == (3, 14) and torch.equal(beams[:, :6], ids.expand(3, -1))
+    sampled = model.generate(ids, do_sample=True, top_k=20, max_new_tokens=8, pad_token_id=0)
+    assert sampled.shape == (1, 14)
