@@ -122,7 +122,9 @@ class FixedPointCoupling(StreamCoupling):
 
     def __init__(self, fraction_bits: int = 32) -> None:
         if not 1 <= fraction_bits <= 52:
-            raise ValueError(f"fraction_bits must be in [1, 52] (float64 has a 53-bit significand), got {fraction_bits}")
+            raise ValueError(
+                f"fraction_bits must be in [1, 52] (float64 has a 53-bit significand), got {fraction_bits}"
+            )
         self.fraction_bits = fraction_bits
         self.scale = 2.0**fraction_bits
         self.step = 2.0**-fraction_bits
@@ -378,7 +380,7 @@ class ReversibleStack(torch.autograd.Function):
             f_grads = _grads_or_zeros(grads, f_params)
 
             param_grads.append(f_grads + g_grads)
-            y1, y2, dy1, dy2 = x1, x2, dy1, dx2
+            y1, y2, dy2 = x1, x2, dx2  # dy1 is already dL/dx1: y1 = x1 + F(x2) passes it through
 
         flat_param_grads = [g for block_grads in reversed(param_grads) for g in block_grads]
         no_grads = (None,) * (4 + ctx.num_aux)  # blocks, coupling, capture_rng, num_aux, *aux
