@@ -59,7 +59,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     save_pretrained_with_checkpoints: bool = False
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
-    reconstruction_check_every: int = 0  # measure reversible reconstruction error every N steps (0 = off)
+    reconstruction_check_every: int = 0  # log how exactly backward rebuilds layer inputs every N steps (0 = off)
     # Hub
     push_to_hub: bool = False
     hub_model_id: str | None = None

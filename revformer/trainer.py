@@ -411,6 +411,8 @@ def train(run: RunConfig) -> Path:
     batches = train_batches(train_blocks, run, accelerator, consumed=step * accum)
     stop_at = min(run.train.max_steps, run.train.stop_after_steps or run.train.max_steps)
     metrics: dict[str, float] = {}
+    # Outside a forward pass FSDP holds only parameter shards, which the standalone inverse cannot run on.
+    check_reconstruction = run.train.reconstruction_check_every > 0 and accelerator.distributed_type != DistributedType.FSDP
     progress = tqdm(total=run.train.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
     model.train()
@@ -468,11 +470,11 @@ def train(run: RunConfig) -> Path:
                                  tok_s=f"{logs['train/tokens_per_s']:.0f}")
             accelerator.log(logs, step=step)
             window_start, window_steps = time.perf_counter(), 0
-        if run.train.reconstruction_check_every and step % run.train.reconstruction_check_every == 0:
-            inner = accelerator.unwrap_model(model)
-            if hasattr(inner.model, "reconstruction_error"):
-                error = inner.model.reconstruction_error(batch["input_ids"][:1])
-                accelerator.log({"train/reconstruction_error": error}, step=step)
+        if check_reconstruction and step % run.train.reconstruction_check_every == 0:
+            # How exactly backward rebuilds the first layer's input (0.0 with fixed-point streams).
+            with torch.no_grad(), accelerator.autocast():
+                error = accelerator.unwrap_model(model).model.reconstruction_error(batch["input_ids"][:1])
+            accelerator.log({"train/reconstruction_error": error}, step=step)
         if step % run.train.eval_every == 0 and step < run.train.max_steps:
             metrics = evaluate(model, val_blocks, run, accelerator)
             accelerator.log(metrics, step=step)

@@ -28,7 +28,7 @@ def workdir(tmp_path_factory) -> Path:
 def uninterrupted(workdir) -> Path:
     out = workdir / "full"
     launch("pretrain.py", workdir, "--config", "tiny.yaml", "--train.output_dir", str(out),
-           "--train.report_to", "wandb", "--train.eval_every", "4")
+           "--train.report_to", "wandb", "--train.eval_every", "4", "--train.reconstruction_check_every", "4")
     return out
 
 
@@ -41,7 +41,8 @@ def test_pretraining_lowers_validation_loss_and_logs_to_wandb(uninterrupted):
     runs = list((uninterrupted / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     history = next(runs[0].glob("*.wandb")).read_bytes()
-    for key in (b"train/loss", b"train/lr", b"train/tokens_per_s", b"train/grad_norm", b"eval/bpb"):
+    for key in (b"train/loss", b"train/lr", b"train/tokens_per_s", b"train/grad_norm", b"train/peak_memory_gib",
+                b"train/reconstruction_error", b"eval/bpb"):
         assert key in history, key
     card = (uninterrupted / "model" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers") and "validation bpb" in card
