@@ -24,8 +24,9 @@ class RevformerConfig(PreTrainedConfig):
         chunk_size_feed_forward (`int`): feed-forward in sequence chunks of this many tokens (0 = no chunking).
         loss_chunk_size (`int`): LM head + cross-entropy in sequence chunks (0 = no chunking); full-sequence logits
             then never exist in training.
-        stream_dtype (`str`): `float32` residual streams, or `fixed_point` (integers on a 2^-stream_fraction_bits grid,
-            exactly invertible coupling at any precision).
+        stream_dtype (`str`): `float32` residual streams, or `fixed_point`: streams on a grid of
+            2^-stream_fraction_bits (integer multiples held exactly in float64), which makes the coupling exactly
+            invertible whatever precision F and G compute in.
 
     Example:
     ```python
@@ -116,10 +117,10 @@ class RevformerConfig(PreTrainedConfig):
             raise ValueError("Chunk sizes (chunk_size_feed_forward, loss_chunk_size) must be >= 0 (0 = no chunking).")
         if self.stream_dtype not in STREAM_DTYPES:
             raise ValueError(f"RevformerConfig.stream_dtype must be one of {STREAM_DTYPES}, got {self.stream_dtype!r}.")
-        if not 8 <= self.stream_fraction_bits <= 48:
+        if not 8 <= self.stream_fraction_bits <= 40:
             raise ValueError(
-                f"RevformerConfig.stream_fraction_bits must be in [8, 48] (int64 streams need headroom for the "
-                f"integer part), got {self.stream_fraction_bits}."
+                f"RevformerConfig.stream_fraction_bits must be in [8, 40], got {self.stream_fraction_bits}: fixed-point "
+                f"streams hold |x| < 2^(53 - stream_fraction_bits), so more bits leave too little range (40 -> 8192)."
             )
         if self.hidden_act != "silu":
             raise ValueError(f"RevformerConfig.hidden_act: only 'silu' (SwiGLU) is implemented, got {self.hidden_act!r}.")
