@@ -130,13 +130,13 @@ def test_training_with_fixed_point_streams_lowers_the_loss_like_float_streams():
 
 
 def test_out_of_range_stream_names_value_limit_and_fix():
-    # 48 fraction bits leave a limit of 2^5 = 32, which weights x30 push the streams past.
-    model = build(2, weight_scale=30.0, stream_dtype="fixed_point", stream_fraction_bits=48)
+    # 40 fraction bits leave a limit of 2^13 = 8192, which weights x300 push the streams past.
+    model = build(2, weight_scale=300.0, stream_dtype="fixed_point", stream_fraction_bits=40)
     ids = torch.randint(0, 128, (2, 16))
-    with pytest.raises(OverflowError, match=r"max \|stream\| = [0-9.e+]+ reached the limit 32 = 2\^5") as info:
+    with pytest.raises(OverflowError, match=r"max \|stream\| = [0-9.e+]+ reached the limit 8192 = 2\^13") as info:
         model(ids, labels=ids).loss.backward()
     assert "fewer stream_fraction_bits" in str(info.value)
-    with pytest.raises(OverflowError, match="stream_fraction_bits=48"):
+    with pytest.raises(OverflowError, match="stream_fraction_bits=40"):
         model.model.reconstruction_error(ids)
 
 
