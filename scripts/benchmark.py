@@ -237,13 +237,9 @@ def environment(device: str, threads: int) -> dict[str, Any]:
 
     import torch
     import transformers
+    from bench_env import cpu_name
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     env = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version(), "cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads}
     if device.startswith("cuda"):

@@ -15,25 +15,15 @@ import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import datasets
 import tokenizers
 import torch
 import transformers
+from bench_env import cpu_name
 
 from revformer.data import DataConfig, load_text_splits, prepare_datasets, stdlib_files
 from revformer.tokenizer import get_tokenizer
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _utf8_bytes(ds: datasets.Dataset) -> int:
@@ -52,7 +42,7 @@ def main() -> None:
 
     print(f"python {sys.version.split()[0]} | torch {torch.__version__} | datasets {datasets.__version__} | "
           f"tokenizers {tokenizers.__version__} | transformers {transformers.__version__}")
-    print(f"cpu: {_cpu_model()} | {os.cpu_count()} logical cores | {platform.platform()}")
+    print(f"cpu: {cpu_name()} | {os.cpu_count()} logical cores | {platform.platform()}")
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DataConfig(

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_env import cpu_name
 from torch import Tensor
 
 from revformer import RevformerConfig, RevformerForCausalLM
@@ -160,16 +160,6 @@ def step_times(args: argparse.Namespace) -> list[dict]:
             print(json.dumps(row), flush=True)
     torch.set_num_threads(args.threads)
     return rows
-
-
-def device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -307,7 +297,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     meta = dict(
-        kind="meta", device=device_name(), torch=torch.__version__, threads=torch.get_num_threads(),
+        kind="meta", device=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(),
         hidden=args.hidden, seq=args.seq, weight_scale=args.weight_scale, sweep_depth=args.sweep_depth,
         load_average=os.getloadavg()[0],  # other processes on the machine inflate and scatter the step times
     )  # fmt: skip

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_env import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -122,7 +124,7 @@ def main() -> None:
             subprocess.run(cmd, check=True, env=env)
             rows += [json.loads(p.read_text()) for p in sorted(Path(out).glob(f"rank*_world{world}.json"))]
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
     meta = {"device": device_name, "torch": torch.__version__, "python": platform.python_version(),
             "model": {k: getattr(args, k) for k in ("layers", "width", "vocab", "seq", "batch")}}
     results = Path(args.results)
