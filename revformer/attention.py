@@ -148,12 +148,20 @@ def local_attention(
         real = key_padding_mask.bool().index_select(1, k_idx).unfold(1, window, chunk)  # (B, n, W)
         allowed = allowed & real[:, None, :, None, :]  # (B, 1, n, C, W)
 
-    scores = _upcast((q_c * scale) @ k_w)  # (B, H, n, C, W)
-    scores = scores.masked_fill(~allowed, _mask_value(scores))
-    probs = scores.softmax(-1) * allowed.any(-1, keepdim=True)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
-    out = (probs.to(v.dtype) @ v_w).flatten(2, 3)  # (B, H, n*C, D)
+    # Each chunk is one SDPA problem: fold the chunks into the batch, (B*n, H, C|W, D), so the fused kernels
+    # (flash on CPU and GPU) keep memory at O(T*D) rather than the (C, W) scores of every chunk.
+    batch, heads, dim = q.shape[0], q.shape[1], q.shape[-1]
+
+    def per_chunk(x: Tensor) -> Tensor:  # (B, H, n, L, D) -> (B*n, H, L, D)
+        return x.transpose(1, 2).reshape(batch * n_chunks, heads, x.shape[-2], dim)
+
+    allowed = allowed.expand(batch, 1, n_chunks, chunk, window).transpose(1, 2).reshape(batch * n_chunks, 1, chunk, window)
+    row_ok = allowed.any(-1, keepdim=True)  # slots past the queries, fully padded rows: see everything, then zeroed
+    out = F.scaled_dot_product_attention(
+        per_chunk(q_c), per_chunk(k_w.transpose(-1, -2)), per_chunk(v_w),
+        attn_mask=allowed | ~row_ok, dropout_p=dropout_p, scale=scale,
+    ).masked_fill(~row_ok, 0.0)  # (B*n, H, C, D)
+    out = out.view(batch, n_chunks, heads, chunk, dim).transpose(1, 2).flatten(2, 3)  # (B, H, n*C, D)
     return out[:, :, lead : lead + t_q].to(q.dtype)
 
 
