@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from .config import ConfigError, RunConfig, save_run_config
-from .data import DataConfig, bits_per_byte, build_dataloader, check_block_size, prepare_datasets
+from .data import bits_per_byte, build_dataloader, check_block_size, prepare_datasets
 from .modeling_revformer import RevformerForCausalLM
 from .tokenizer import get_tokenizer, load_tokenizer
 
@@ -389,12 +389,11 @@ def train(run: RunConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    step, state = 0, {}
+    step = 0
     checkpoint = resolve_checkpoint(run)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        step = state["step"]
+        step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
         accelerator.print(f"Resumed from {checkpoint} at step {step}.")
     if log_with:
         accelerator.init_trackers(
@@ -522,4 +521,4 @@ def main(argv: list[str] | None = None, require_init_from: bool = False) -> Path
         sys.exit(f"error: {err}")
 
 
-__all__ = ["DataConfig", "NonFiniteLossError", "evaluate", "main", "train"]
+__all__ = ["NonFiniteLossError", "evaluate", "main", "train"]
