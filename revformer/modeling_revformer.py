@@ -22,9 +22,16 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
-from .attention import ATTENTION_FUNCTIONS
+from .attention import ATTENTION_FUNCTIONS, lsh_rotations
 from .configuration_revformer import RevformerConfig
-from .reversible import StreamCoupling, forward_blocks, make_coupling, reconstruct_inputs, reversible_stack
+from .reversible import (
+    StreamCoupling,
+    chunked,
+    forward_blocks,
+    make_coupling,
+    reconstruct_inputs,
+    reversible_stack,
+)
 
 IGNORE_INDEX = -100
 
@@ -75,7 +82,10 @@ class RevformerAttention(nn.Module):
     """F: pre-normalized causal self-attention with the kernel `config.attention_layers[layer_idx]`.
 
     `lsh` layers share one projection for queries and keys, as in the Reformer: hashing groups a query with the
-    keys that point the same way, which only makes sense when queries and keys live in the same space.
+    keys that point the same way, which only makes sense when queries and keys live in the same space. They hash with
+    fresh random rotations on every training forward (replayed by the reversible backward through the RNG state) and
+    with fixed rotations from `config.lsh_seed` and the layer index in eval mode, so inference is deterministic,
+    survives save/load and decodes with a cache exactly.
     """
 
     def __init__(self, config: RevformerConfig, layer_idx: int) -> None:
@@ -91,6 +101,18 @@ class RevformerAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self._fixed_rotations: tuple[tuple, Tensor | None] | None = None  # eval-mode LSH rotations (not saved)
+
+    def lsh_rotations(self, device: torch.device) -> Tensor | None:
+        """The fixed eval-mode rotations of this `lsh` layer, on `device` (None with one bucket)."""
+        config = self.config
+        # One seed per layer, derived from the config: the same rotations after save/load, on every device.
+        seed = config.lsh_seed * 1_000_003 + self.layer_idx
+        key = (seed, self.head_dim, config.lsh_num_hashes, config.lsh_num_buckets, str(device))
+        if self._fixed_rotations is None or self._fixed_rotations[0] != key:
+            rotations = lsh_rotations(self.head_dim, config.lsh_num_hashes, config.lsh_num_buckets, seed, device)
+            self._fixed_rotations = (key, rotations)
+        return self._fixed_rotations[1]
 
     def kernel_name(self) -> str:
         # `attn_implementation="eager"` swaps the sdpa kernel of `full` layers for the explicit reference one.
@@ -117,6 +139,8 @@ class RevformerAttention(nn.Module):
         v = heads(self.v_proj(h))
         if cache is not None:  # (B, H, T_past + T, D)
             k, v = cache.update(k, v, self.layer_idx)
+        # lsh: fresh rotations from the RNG in training, the layer's fixed ones in eval mode.
+        extra = {"rotations": self.lsh_rotations(q.device)} if self.kind == "lsh" and not self.training else {}
         out = ATTENTION_FUNCTIONS[self.kernel_name()](
             q,
             k,
@@ -125,16 +149,18 @@ class RevformerAttention(nn.Module):
             dropout_p=self.config.attention_dropout if self.training else 0.0,
             scale=self.head_dim**-0.5,
             config=self.config,
+            **extra,
         )  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(batch, seq, -1)
         return self.dropout(self.o_proj(out))
 
 
 class RevformerFeedForward(nn.Module):
-    """G: pre-normalized SwiGLU feed-forward, run in sequence chunks of `chunk_size` tokens when it is > 0.
+    """G: pre-normalized SwiGLU feed-forward, run `chunk_size` tokens at a time when the sequence is longer.
 
-    G is position-wise, so chunking changes nothing but peak memory; the reversible engine reads `chunk_size` and
-    re-runs G chunk by chunk in backward too.
+    G is position-wise, so chunking changes nothing but peak memory: its (T, intermediate_size) activations exist
+    for one chunk at a time, in forward and in backward (`chunked`), inside this one call. The reversible engine
+    announces the gradient of every re-run, so there the chunks' gradients come with their outputs at no extra cost.
     """
 
     def __init__(self, config: RevformerConfig) -> None:
@@ -152,9 +178,7 @@ class RevformerFeedForward(nn.Module):
         return self.dropout(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
 
     def forward(self, x: Tensor) -> Tensor:
-        if 0 < self.chunk_size < x.shape[1]:
-            return torch.cat([self.forward_chunk(piece) for piece in x.split(self.chunk_size, dim=1)], dim=1)
-        return self.forward_chunk(x)
+        return chunked(self.forward_chunk, x, self.chunk_size, [p for p in self.parameters() if p.requires_grad])
 
 
 class RevformerBlock(nn.Module):
@@ -281,7 +305,9 @@ class RevformerModel(RevformerPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+            # A KV cache only when one is passed or asked for (generate does both): an evaluation forward would
+            # otherwise build a cache of every layer's keys and values that nobody reads.
+            use_cache = cache is not None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
@@ -295,6 +321,10 @@ class RevformerModel(RevformerPreTrainedModel):
                 f"{self.config.max_position_embeddings}); truncate the input or build the model with a larger "
                 f"max_position_embeddings."
             )
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Count positions over real tokens, as generate() does: a left-padded row then gets its unpadded
+            # positions (which `lsh` hashing depends on, not just relative offsets).
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).unsqueeze(0)
         cos, sin = self.rotary_emb(position_ids)  # (B|1, T, D)
@@ -332,35 +362,46 @@ class RevformerModel(RevformerPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+def _head_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype the LM head computes in: autocast's where it is on, else the weight's."""
+    device_type = weight.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+
+
+def _chunk_loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy of one chunk; logits in the head dtype, softmax in fp32."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 class ChunkedLMHeadLoss(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, `chunk_size` positions at a time.
 
     Full-sequence logits never exist: each chunk's logits give its loss and, at once, its gradients with respect to
     the hidden states and the head weight, so backward only scales the stored gradients (no second LM-head pass).
+    The weight is cast to the compute dtype once for all chunks (autocast would keep one cast per chunk alive).
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
         # hidden: (N, d), weight: (V, d), targets: (N,)
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = _head_dtype(weight)
+        w = weight.detach().to(dtype).requires_grad_(want_weight)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            piece = slice(start, start + chunk_size)
-            with torch.enable_grad():
-                h = hidden[piece].detach().requires_grad_(grad_hidden is not None)
-                w = weight.detach().requires_grad_(grad_weight is not None)
-                loss = F.cross_entropy(
-                    F.linear(h, w).float(), targets[piece], ignore_index=IGNORE_INDEX, reduction="sum"
-                )
-            wanted = [t for t in (h, w) if t.requires_grad]
-            if wanted:
-                grads = iter(torch.autograd.grad(loss, wanted))
-                if grad_hidden is not None:
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        with torch.autocast(weight.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                piece = slice(start, start + chunk_size)
+                with torch.enable_grad():
+                    h = hidden[piece].detach().to(dtype).requires_grad_(want_hidden)
+                    loss = _chunk_loss(h, w, targets[piece])
+                grads = iter(torch.autograd.grad(loss, [t for t in (h, w) if t.requires_grad]))
+                if want_hidden:
                     grad_hidden[piece] = next(grads)
-                if grad_weight is not None:
+                if want_weight:
                     grad_weight += next(grads)
-            total += loss.detach()
+                total += loss.detach()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -381,18 +422,30 @@ def causal_lm_loss(
     labels: Tensor,
     chunk_size: int = 0,
     num_items_in_batch: int | Tensor | None = None,
+    logits: Tensor | None = None,
 ) -> Tensor:
     """Mean next-token cross-entropy: position t predicts `labels[t + 1]`; `-100` labels are ignored.
 
-    `num_items_in_batch` (from Trainer / gradient accumulation) replaces the local count of predicted tokens as the
-    denominator, so accumulated micro-batches average over the whole batch.
+    With `chunk_size` > 0 the LM head runs in chunks of that many positions and full logits never exist; otherwise
+    pass the `logits` already computed for the output (the head then runs once). `num_items_in_batch` (from Trainer /
+    gradient accumulation) replaces the local count of predicted tokens as the denominator, so accumulated
+    micro-batches average over the whole batch.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # shift left, (B*T,)
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    if chunk_size > 0:
-        total = ChunkedLMHeadLoss.apply(hidden, lm_head.weight, targets, chunk_size)
-    else:
-        total = F.cross_entropy(lm_head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if logits is not None:
+        total = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    elif torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad):
+        total = ChunkedLMHeadLoss.apply(hidden, lm_head.weight, targets, chunk_size or hidden.shape[0])
+    else:  # evaluation: the loss alone, chunk by chunk
+        weight = lm_head.weight.to(_head_dtype(lm_head.weight))
+        with torch.autocast(weight.device.type, enabled=False):
+            total = sum(
+                _chunk_loss(hidden[start : start + chunk_size].to(weight.dtype), weight, targets[start : start + chunk_size])
+                for start in range(0, hidden.shape[0], chunk_size or hidden.shape[0])
+            )
     count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     if isinstance(count, Tensor):
         count = count.to(total.device)
@@ -438,8 +491,9 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """Next-token logits and, given `labels` (the input ids, shifted inside), the mean cross-entropy.
 
-        With `config.loss_chunk_size > 0` and labels, the loss is computed in sequence chunks and `logits` is None:
-        full-sequence logits are what chunking exists to avoid.
+        Given labels for more than `config.loss_chunk_size` positions (batch x length), the LM head and the loss run
+        in chunks of that many positions and `logits` is None: full-sequence logits are what chunking exists to
+        avoid. Otherwise the LM head runs once and its logits give the loss.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -455,12 +509,14 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state  # (B, T, d)
         chunk = self.config.loss_chunk_size
         loss = logits = None
-        if labels is not None:
-            loss = causal_lm_loss(hidden, self.lm_head, labels, chunk, num_items_in_batch)
-        if labels is None or chunk == 0:
+        chunked_loss = labels is not None and 0 < chunk < hidden.shape[1] * hidden.shape[0]
+        if not chunked_loss:
             # logits_to_keep=k keeps the last k positions (generation needs only the last one); 0 keeps all.
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep, :])
+        if labels is not None:
+            full = logits if logits is not None and logits.shape[1] == hidden.shape[1] else None
+            loss = causal_lm_loss(hidden, self.lm_head, labels, chunk, num_items_in_batch, logits=full)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -229,42 +230,162 @@ def _backprop(
     return grads[0], list(grads[1:])
 
 
-def _rerun_feed_forward(
-    g: nn.Module,
-    g_ctx: ForwardContext,
-    coupling: StreamCoupling,
-    y1: Tensor,
-    y2: Tensor,
-    dy2: Tensor,
-    accumulate: bool = False,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Re-run G on y1 with grad; return (x2 = y2 - G(y1), (dG/dy1)^T dy2, parameter gradients).
+class UpstreamGradient:
+    """The gradient that the engine will back-propagate into the output of the sublayer it is about to call.
 
-    G is position-wise, so when it declares `chunk_size` > 0 the re-run goes chunk by chunk along the sequence and
-    its intermediate activation never exists for the whole sequence, in backward as in forward. The chunks run in
-    forward order inside one RNG replay, so dropout draws match the forward pass.
+    `to(dtype)` caches its casts, so the tensor the engine finally back-propagates is the very object a sublayer was
+    shown: a sublayer that computed its gradients early checks that identity before it trusts them.
     """
-    params = [] if accumulate else _sublayer_params(g)
-    seq_len = y1.shape[1]
-    chunk = getattr(g, "chunk_size", 0) or seq_len
-    x2_parts, dy1_parts = [], []
+
+    def __init__(self, grad: Tensor) -> None:
+        self.grad = grad
+        self._casts = {grad.dtype: grad}
+
+    def to(self, dtype: torch.dtype) -> Tensor:
+        if dtype not in self._casts:
+            self._casts[dtype] = self.grad.to(dtype)
+        return self._casts[dtype]
+
+
+_pending = threading.local()  # autograd may run a backward on a device thread of its own: one hint per thread
+
+
+@contextlib.contextmanager
+def upstream_gradient(grad: Tensor) -> Iterator[UpstreamGradient]:
+    """Announce `grad` as the gradient of the output of the sublayer called inside this block (see `chunked`)."""
+    hint = UpstreamGradient(grad)
+    previous, _pending.hint = getattr(_pending, "hint", None), hint
+    try:
+        yield hint
+    finally:
+        _pending.hint = previous
+
+
+def _take_upstream_gradient() -> UpstreamGradient | None:
+    """The announced gradient, taken at most once (by the first chunked piece of the sublayer's call)."""
+    hint = getattr(_pending, "hint", None)
+    _pending.hint = None
+    return hint
+
+
+class ChunkedFunction(torch.autograd.Function):
+    """`fn(x)` computed `chunk_size` positions at a time along dim 1, so that `fn`'s intermediate activations exist
+    for one chunk at a time, in forward and in backward. `fn` must be position-wise.
+
+    Call as `ChunkedFunction.apply(fn, chunk_size, x, *params)`, `params` being every tensor `fn` differentiates in
+    (its module's parameters). Two ways to the gradients, neither of which holds whole-sequence activations:
+    - fused: when the output's gradient was announced (`upstream_gradient`, as the reversible engine does for every
+      re-run), each chunk's output and its gradients are computed together in forward and backward returns them:
+      no extra compute.
+    - recompute: otherwise (the plain path, or when the gradient that arrives is not the announced one), backward
+      re-runs each chunk under the forward's RNG and autocast state and back-propagates it: one extra forward of `fn`.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fn: Any, chunk_size: int, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.fn, ctx.chunk_size, ctx.num_params = fn, chunk_size, len(params)
+        ctx.replay_ctx = ForwardContext(x.device, capture_rng=True)
+        hint = _take_upstream_gradient()
+        if hint is not None and hint.grad.shape[:2] != x.shape[:2]:
+            hint = None  # announced for an output of another shape: not ours
+        if hint is None:
+            out = torch.cat([fn(x[:, piece]) for piece in _pieces(x.shape[1], chunk_size)], dim=1)
+            ctx.save_for_backward(x, *params)
+        else:
+            out, grads = _chunked_vjp(fn, chunk_size, x, params, ctx.needs_input_grad[2:], hint)
+            ctx.save_for_backward(x, *params, *grads)
+        ctx.hint = hint
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, *rest = ctx.saved_tensors
+        params = rest[: ctx.num_params]
+        if ctx.hint is not None and grad_out is ctx.hint.to(grad_out.dtype):
+            grads = rest[ctx.num_params :]  # computed in forward for exactly this grad_out
+        else:
+            with ctx.replay_ctx.replay():  # the forward's dropout draws and autocast, chunk by chunk in order
+                _, grads = _chunked_vjp(
+                    ctx.fn, ctx.chunk_size, x, params, ctx.needs_input_grad[2:], UpstreamGradient(grad_out)
+                )
+        ctx.hint = None
+        return (None, None, *grads)
+
+
+def _pieces(length: int, chunk_size: int) -> list[slice]:
+    return [slice(start, start + chunk_size) for start in range(0, length, chunk_size)]
+
+
+def _chunked_vjp(
+    fn: Any, chunk_size: int, x: Tensor, params: Sequence[Tensor], wanted: Sequence[bool], grad: UpstreamGradient
+) -> tuple[Tensor, list[Tensor | None]]:
+    """`fn(x)` chunk by chunk, and the gradients of <fn(x), grad> with respect to x and params (None where unwanted).
+
+    One chunk's graph is alive at a time; the output and dL/dx are assembled from the chunks, dL/dparams summed.
+    """
+    outs, x_grads = [], []
     param_grads: list[Tensor | None] = [None] * len(params)
-    with g_ctx.replay():
-        for start in range(0, seq_len, chunk):
-            piece = slice(start, start + chunk)
-            # Differentiate with respect to what G reads: `read` is a cast, whose gradient is the identity.
-            g_in = coupling.read(y1[:, piece]).detach().requires_grad_()
-            with torch.enable_grad():
-                g_out = g(g_in)
-            g_in_grad, grads = _backprop(g_out, g_in, params, dy2[:, piece].to(g_out.dtype), accumulate)
-            with torch.no_grad():
-                x2_parts.append(coupling.subtract(y2[:, piece], g_out))
-            dy1_parts.append(g_in_grad.to(dy2.dtype))
-            param_grads = [a if b is None else (b if a is None else a + b) for a, b in zip(param_grads, grads)]
-            del g_out
-    if len(x2_parts) == 1:  # unchunked: spare the copy
-        return x2_parts[0], dy1_parts[0], _grads_or_zeros(param_grads, params)
-    return torch.cat(x2_parts, dim=1), torch.cat(dy1_parts, dim=1), _grads_or_zeros(param_grads, params)
+    wanted_params = [p for p, w in zip(params, wanted[1:]) if w]
+    for piece in _pieces(x.shape[1], chunk_size):
+        with torch.enable_grad():
+            x_piece = x[:, piece].detach().requires_grad_(wanted[0])
+            out = fn(x_piece)
+        inputs = ([x_piece] if wanted[0] else []) + wanted_params
+        if inputs:
+            found = iter(torch.autograd.grad(out, inputs, grad.to(out.dtype)[:, piece], allow_unused=True))
+            if wanted[0]:
+                x_grads.append(next(found).to(x.dtype))
+            for i, w in enumerate(wanted[1:]):
+                g = next(found) if w else None
+                if g is not None:
+                    param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
+        outs.append(out.detach())
+        del out
+    x_grad = torch.cat(x_grads, dim=1) if wanted[0] else None
+    return torch.cat(outs, dim=1), [x_grad, *param_grads]
+
+
+def chunked(fn: Any, x: Tensor, chunk_size: int, params: Sequence[Tensor]) -> Tensor:
+    """`fn(x)` with `fn`'s activation memory bounded by `chunk_size` positions (dim 1), also in backward.
+
+    `fn` must be position-wise (each output position depends on that input position only) and `params` must hold
+    every tensor it differentiates in. Short inputs (<= chunk_size) and `chunk_size` <= 0 run `fn` directly.
+    """
+    if chunk_size <= 0 or x.shape[1] <= chunk_size:
+        return fn(x)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    if not needs_grad:
+        return torch.cat([fn(x[:, piece]) for piece in _pieces(x.shape[1], chunk_size)], dim=1)
+    return ChunkedFunction.apply(fn, chunk_size, x, *params)
+
+
+def _rerun(
+    sublayer: nn.Module,
+    replay: ForwardContext,
+    coupling: StreamCoupling,
+    inp: Tensor,
+    out_stream: Tensor,
+    grad_out: Tensor,
+    aux: Sequence[Tensor | None],
+    sharded: bool,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Re-run one sublayer S on the stream `inp` with grad, once; return (out_stream - S(inp), (dS/dinp)^T grad_out,
+    parameter gradients).
+
+    The call happens inside `upstream_gradient(grad_out)`: a sublayer that bounds its own memory (`chunked`) computes
+    its gradients chunk by chunk during this very call, since the gradient its output will receive is already known.
+    Any other sublayer ignores the hint. Either way the engine makes one call and one backward per re-run, which is
+    all that DDP's reducer and FSDP's per-module hooks see.
+    """
+    params = [] if sharded else _sublayer_params(sublayer)
+    with torch.enable_grad(), replay.replay(), upstream_gradient(grad_out) as hint:
+        # Differentiate with respect to what S reads: `read` is a cast, whose gradient is the identity.
+        s_in = coupling.read(inp).detach().requires_grad_()
+        s_out = sublayer(s_in, *aux)
+    s_in_grad, grads = _backprop(s_out, s_in, params, hint.to(s_out.dtype), sharded)
+    with torch.no_grad():
+        rebuilt = coupling.subtract(out_stream, s_out)
+    return rebuilt, s_in_grad.to(grad_out.dtype), _grads_or_zeros(grads, params)
 
 
 Contexts = list[tuple[ForwardContext, ForwardContext]]  # (F, G) forward contexts, one pair per block
@@ -363,24 +484,13 @@ class ReversibleStack(torch.autograd.Function):
         coupling: StreamCoupling = ctx.coupling
         param_grads: list[list[Tensor]] = []
         for block, (f_ctx, g_ctx) in zip(reversed(ctx.blocks), reversed(ctx.contexts)):
-            # --- G: x2 = y2 - G(y1); dL/dy1 += (dG/dy1)^T dL/dy2 ---
-            x2, dy1_from_g, g_grads = _rerun_feed_forward(block.g, g_ctx, coupling, y1, y2, dy2, ctx.sharded)
+            # G: x2 = y2 - G(y1);  dL/dy1 += (dG/dy1)^T dL/dy2
+            x2, dy1_from_g, g_grads = _rerun(block.g, g_ctx, coupling, y1, y2, dy2, (), ctx.sharded)
             dy1 = dy1 + dy1_from_g
-
-            # --- F: x1 = y1 - F(x2); dL/dx2 = dL/dy2 + (dF/dx2)^T dL/dy1 ---
-            f_params = [] if ctx.sharded else _sublayer_params(block.f)
-            with torch.enable_grad(), f_ctx.replay():
-                f_in = coupling.read(x2).detach().requires_grad_()
-                f_out = block.f(f_in, *aux)
-            f_in_grad, grads = _backprop(f_out, f_in, f_params, dy1.to(f_out.dtype), ctx.sharded)
-            with torch.no_grad():
-                x1 = coupling.subtract(y1, f_out)
-            del f_out
-            dx2 = dy2 + f_in_grad.to(dy2.dtype)
-            f_grads = _grads_or_zeros(grads, f_params)
-
+            # F: x1 = y1 - F(x2);  dL/dx2 = dL/dy2 + (dF/dx2)^T dL/dy1
+            x1, dx2_from_f, f_grads = _rerun(block.f, f_ctx, coupling, x2, y1, dy1, aux, ctx.sharded)
             param_grads.append(f_grads + g_grads)
-            y1, y2, dy2 = x1, x2, dx2  # dy1 is already dL/dx1: y1 = x1 + F(x2) passes it through
+            y1, y2, dy2 = x1, x2, dy2 + dx2_from_f  # dy1 is already dL/dx1: y1 = x1 + F(x2) passes it through
 
         flat_param_grads = [g for block_grads in reversed(param_grads) for g in block_grads]
         no_grads = (None,) * (4 + ctx.num_aux)  # blocks, coupling, capture_rng, num_aux, *aux
