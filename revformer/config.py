@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .configuration_revformer import RevformerConfig
-from .data import DataConfig
+from .data import DataConfig, DataError, check_block_size
 
 
 class ConfigError(ValueError):
@@ -66,15 +66,29 @@ class TrainConfig:
     hub_private: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+        positive = ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "keep_checkpoints",
+                    "eval_every", "checkpoint_every", "eval_batches", "stop_after_steps")
+        for name in positive:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}.")
+        for name in ("warmup_steps", "weight_decay", "reconstruction_check_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1] (a share of learning_rate), got {self.min_lr_ratio}.")
+        if self.warmup_steps >= self.max_steps:
+            raise ConfigError(
+                f"train.warmup_steps={self.warmup_steps} is not shorter than train.max_steps={self.max_steps}: the "
+                "learning rate would never reach its peak; lower warmup_steps (e.g. 5% of max_steps)."
+            )
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"train.max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("train.push_to_hub is true but train.hub_model_id is not set; give 'user/model-name'.")
-        if len(self.adam_betas) != 2:
-            raise ConfigError(f"train.adam_betas needs two values, got {self.adam_betas}.")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas needs two values in [0, 1), got {self.adam_betas}.")
 
 
 @dataclass
@@ -96,6 +110,19 @@ class RunConfig:
             return RevformerConfig(**{**self.model, **fixed})
         except Exception as err:  # strict dataclass validation wraps the ValueError; show the cause plainly
             raise ConfigError(f"Invalid model section: {err}") from err
+
+    def validate(self) -> None:
+        """Check the sections against each other before any tokenizing or packing starts (cheap, no files read).
+
+        A fine-tuning run's model section only overrides the saved config, which the trainer checks on load.
+        """
+        if not self.train.init_from:
+            placeholder = {"byte": 259, "bpe": self.data.vocab_size}.get(self.data.tokenizer, 2**15)
+            config = self.model_config(vocab_size=placeholder)  # the tokenizer fixes the real size later
+            try:
+                check_block_size(self.data.block_size, config.max_position_embeddings)
+            except DataError as err:
+                raise ConfigError(f"data.block_size vs model.max_position_embeddings: {err}") from None
 
 
 def _model_fields() -> dict[str, Any]:
@@ -159,15 +186,46 @@ def _check(section: str, key: str, value: Any) -> Any:
     return value
 
 
-def _parse_value(text: str) -> Any:
-    # YAML scalars: 3 -> int, 3e-4 -> float, true -> bool, null -> None, [a, b] -> list.
+def _admits(annotation: Any, kind: type) -> bool:
+    """Whether a field annotation accepts values of `kind` (a Literal of strings counts as str)."""
+    if annotation is Any or annotation is kind:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits(arg, kind) for arg in typing.get_args(annotation))
+    if origin is Literal:
+        return any(isinstance(arg, kind) and not isinstance(arg, bool) for arg in typing.get_args(annotation))
+    return kind is float and annotation is float
+
+
+def _parse_value(text: str, annotation: Any = Any) -> Any:
+    """The typed value of `--key text` for a field annotated `annotation`.
+
+    YAML scalars: 3 -> int, 3e-4 -> float, true -> bool, null -> None, [a, b] -> list. A field that takes a string
+    keeps the text as typed (`--train.output_dir nan`, `yes`, `1e3`, `null`) unless the text is a value the field
+    also accepts in another type (a list, a number for an `int | str` field, null for an optional field).
+    """
     value = yaml.safe_load(text)
-    if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string; users mean a float
-        try:
+    if isinstance(value, str) and not _admits(annotation, str):
+        try:  # YAML 1.1 reads 3e-4 as a string; for a numeric field users mean a float
             return float(value)
         except ValueError:
             return value
-    return value
+    if annotation is Any or not _admits(annotation, str) or isinstance(value, str):
+        return value
+    if value is None:
+        return None if _admits(annotation, type(None)) else text
+    if isinstance(value, (list, dict)) or _matches(value, _without_str(annotation)):
+        return value
+    return text
+
+
+def _without_str(annotation: Any) -> Any:
+    """The annotation with its `str` member removed (what a non-string value must fit)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [arg for arg in typing.get_args(annotation) if arg is not str]
+        return typing.Union[tuple(rest)] if rest else type(None)
+    return type(None) if annotation is str else annotation
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
@@ -197,7 +255,8 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
                     f"--{name} is ambiguous or unknown; write it as --<section>.{name} with a section of {SECTIONS}."
                 )
             section, key = owners[0], name
-        out[section][key] = _check(section, key, _parse_value(text))
+        fields = _section_fields(section)
+        out[section][key] = _check(section, key, _parse_value(text, fields.get(key, Any)))
     return out
 
 
@@ -229,7 +288,33 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
-    return RunConfig(model=sections["model"], data=data, train=train)
+    run = RunConfig(model=sections["model"], data=data, train=train)
+    run.validate()
+    return run
+
+
+def config_help() -> str:
+    """Every section and key with its type and default, generated from the dataclasses (for `--help`)."""
+    lines = ["sections and keys (YAML `section: {key: value}` or `--section.key value`; default in brackets):"]
+    model_defaults = {f.name: f.default for f in dataclasses.fields(RevformerConfig)}
+    for section in SECTIONS:
+        lines.append(f"  {section}:" + ("  (RevformerConfig; vocab_size and special token ids come from the tokenizer)"
+                                        if section == "model" else ""))
+        fields = _section_fields(section)
+        if section == "model":
+            defaults = model_defaults
+            # Declaration order; PretrainedConfig's generic bookkeeping fields are accepted but not listed.
+            generic = {"transformers_version", "architectures", "output_hidden_states", "return_dict", "dtype",
+                       "is_encoder_decoder", "id2label", "label2id", "problem_type"}
+            names = [n for n in model_defaults if n in fields and n not in generic]
+        else:
+            cls = {"data": DataConfig, "train": TrainConfig}[section]
+            defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                        for f in dataclasses.fields(cls)}
+            names = list(fields)
+        for name in names:
+            lines.append(f"    --{section}.{name} {_describe(fields[name])} [{defaults.get(name)!r}]")
+    return "\n".join(lines)
 
 
 def save_run_config(run: RunConfig, path: str | Path) -> None:

@@ -17,11 +17,13 @@ import codecs
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import sysconfig
+from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,13 @@ _SUFFIX_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet
 _STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "pydoc_data"}
 _STDLIB_EXCLUDED_PREFIXES = ("config-", "_sysconfigdata_")
 _DOC_BATCH = 256  # documents per tokenization/packing batch
+# Whole files are held out only when about this many or more would be: fewer make a lumpy, unrepresentative
+# validation set (or none at all), so smaller corpora are split inside their documents instead.
+_MIN_HELD_OUT_FILES = 8
+_MIN_HELD_OUT_PIECES = 8  # in-document split: pieces small enough that about this many are held out
+_MAX_PIECE_CHARS = 4096
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -63,7 +72,7 @@ class DataConfig:
     dataset_config: str | None = None  # hub config name, e.g. "wikitext-103-raw-v1"
     train_split: str = "train"  # split (hub) or file/folder stem (local) used for training
     validation_split: str | None = "validation"  # None or missing -> held out by validation_fraction
-    validation_fraction: float = 0.02  # share of documents held out when there is no validation split
+    validation_fraction: float = 0.05  # share of documents held out when there is no validation split
     text_column: str = "text"  # column holding the text in jsonl/parquet/hub data
     streaming: bool = False  # stream instead of materializing (corpora larger than disk or memory)
     block_size: int = 1024  # tokens per packed training example
@@ -85,6 +94,10 @@ class DataConfig:
             raise DataError(
                 f"max_train_documents={self.max_train_documents} must be >= 1 or None (no cap)"
             )
+        if self.tokenizer == "bpe" and self.vocab_size < 259:
+            raise DataError(f"vocab_size={self.vocab_size} is below the 256 bytes + 3 specials of a byte-level BPE; raise it")
+        if self.tokenizer_train_max_bytes < 1:
+            raise DataError(f"tokenizer_train_max_bytes={self.tokenizer_train_max_bytes} must be >= 1")
         check_block_size(self.block_size, None)
 
 
@@ -142,7 +155,18 @@ def stdlib_files() -> tuple[Path, list[str]]:
             continue
         paths = [top] if top.is_file() else top.rglob("*.py") if top.is_dir() else []
         files += [p.relative_to(root).as_posix() for p in paths if p.suffix == ".py" and p.is_file()]
-    return root, sorted(files)
+    return root, sorted(f for f in files if not _is_generated_codec(root / f))
+
+
+def _is_generated_codec(path: Path) -> bool:
+    """encodings/* charmap tables written by gencodec.py: 256-entry tables far easier to predict than code.
+
+    They were 4% of the training bytes but, by chance of the hash, 15% of the validation bytes.
+    """
+    if path.parent.name != "encodings":
+        return False
+    with path.open("rb") as f:
+        return b"gencodec.py" in f.read(2048)
 
 
 def _not_utf8(path: Path, err: UnicodeDecodeError, offset: int = 0) -> DataError:
@@ -171,8 +195,14 @@ def _check_utf8(path: Path) -> None:
             offset += len(chunk)
 
 
-def _read_documents(root: str, files: list[str], strict: bool) -> Iterator[dict[str, str]]:
-    """Yield one ``{"text": ...}`` document per file, decoded as strict UTF-8."""
+def _read_documents(
+    root: str, files: list[str], strict: bool, inside: tuple[float, int, bool] | None = None
+) -> Iterator[dict[str, str]]:
+    """Yield one ``{"text": ...}`` document per file, decoded as strict UTF-8.
+
+    ``inside=(fraction, piece_chars, validation)`` splits inside documents instead: each file is cut into pieces
+    of whole lines and every run of consecutive pieces on the requested side is one document.
+    """
     for rel in files:
         path = Path(root, rel)
         try:
@@ -181,7 +211,76 @@ def _read_documents(root: str, files: list[str], strict: bool) -> Iterator[dict[
             if not strict:  # the stdlib ships a few deliberately mis-encoded test fixtures
                 continue
             raise _not_utf8(path, err) from None
-        yield {"text": text}
+        if inside is None:
+            yield {"text": text}
+            continue
+        fraction, piece_chars, validation = inside
+        for run in _held_out_runs(rel, _line_pieces(text, piece_chars), fraction, validation):
+            yield {"text": run}
+
+
+def _line_pieces(text: str, piece_chars: int) -> list[str]:
+    """``text`` cut at line ends into pieces of at least ``piece_chars`` characters (the last may be shorter)."""
+    pieces, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        current.append(line)
+        size += len(line)
+        if size >= piece_chars:
+            pieces.append("".join(current))
+            current, size = [], 0
+    if current:
+        pieces.append("".join(current))
+    return pieces
+
+
+def _held_out_runs(key: str, pieces: list[str], fraction: float, validation: bool) -> list[str]:
+    """Runs of consecutive pieces on one side of a systematic sample: every (1/fraction)-th piece, from an
+    offset that is a stable hash of ``key``, is held out, so validation is spread evenly through the document."""
+    phase = _unit_hash(key)
+    runs, current = [], []
+    for k, piece in enumerate(pieces):
+        held = math.floor((k + 1) * fraction + phase) > math.floor(k * fraction + phase)
+        if held == validation:
+            current.append(piece)
+        elif current:
+            runs.append("".join(current))
+            current = []
+    if current:
+        runs.append("".join(current))
+    return runs
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether a file holds nothing but NUL bytes and whitespace (stops at the first other byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.translate(None, b"\x00 \t\r\n\x0b\x0c"):
+                return False
+    return True
+
+
+def _held_out_files(root: Path, files: list[str], fraction: float) -> list[str] | None:
+    """Whole files for validation, ``fraction`` of the files of every top-level folder; None if too few.
+
+    Within each top-level folder (a stratum), files sorted by size, every (1/fraction)-th is held out (from an
+    offset hashed from the folder's name): validation then has the mix of folders and of file sizes that training
+    has, rather than whatever few files one hash of every path happens to pick.
+    """
+    if fraction * len(files) < _MIN_HELD_OUT_FILES:
+        return None
+    strata: dict[str, list[str]] = defaultdict(list)
+    for f in files:
+        strata[f.split("/", 1)[0] if "/" in f else ""].append(f)
+    held: set[str] = set()
+    for name, members in strata.items():
+        phase = _unit_hash(f"stratum:{name}")
+        by_size = sorted(members, key=lambda f: ((root / f).stat().st_size, _unit_hash(f)))
+        for i, f in enumerate(by_size):  # every (1/fraction)-th file by size: all sizes are represented
+            if math.floor((i + 1) * fraction + phase) > math.floor(i * fraction + phase):
+                held.add(f)
+    if not held or len(held) == len(files):
+        return None
+    return [f for f in files if f in held]
 
 
 @contextlib.contextmanager
@@ -207,13 +306,24 @@ def _size_and_mtime(path: Path) -> tuple[int, int]:
 def _file_corpus(
     root: Path, split_files: dict[str, list[str]], cfg: DataConfig, strict: bool
 ) -> tuple[Texts, Texts]:
-    """Datasets of whole files (one document each); validation held out by path hash."""
+    """Datasets of text files (one document each), validation held out as whole files (stratified by folder) or,
+    for corpora with too few files for that, inside the documents."""
+    inside: dict[str, tuple[float, int, bool] | None] = {"train": None, "validation": None}
     if "validation" not in split_files:
-        files = split_files["train"]
-        split_files = {
-            "train": [f for f in files if not is_held_out(f, cfg.validation_fraction)],
-            "validation": [f for f in files if is_held_out(f, cfg.validation_fraction)],
-        }
+        files, fraction = split_files["train"], cfg.validation_fraction
+        held = _held_out_files(root, files, fraction)
+        if held is not None:
+            split_files = {"train": [f for f in files if f not in set(held)], "validation": held}
+        else:
+            total = sum((root / f).stat().st_size for f in files)
+            piece = int(min(_MAX_PIECE_CHARS, max(1, total * fraction / _MIN_HELD_OUT_PIECES)))
+            split_files = {"train": files, "validation": files}
+            inside = {"train": (fraction, piece, False), "validation": (fraction, piece, True)}
+            logger.warning(
+                "data: %s has %d file(s), too few to hold out whole ones; holding out every %.0fth piece of about "
+                "%d characters (whole lines) inside each file as validation (validation_fraction=%s).",
+                cfg.dataset, len(files), 1 / fraction, piece, fraction,
+            )
     out = []
     for split in ("train", "validation"):
         files = split_files[split]
@@ -222,24 +332,34 @@ def _file_corpus(
                 f"the {split} split of {cfg.dataset!r} has no files (validation_fraction="
                 f"{cfg.validation_fraction}); add files or raise validation_fraction"
             )
-        gen_kwargs = {"root": str(root), "files": files, "strict": strict}
-        if cfg.streaming:
-            out.append(IterableDataset.from_generator(_read_documents, gen_kwargs=gen_kwargs))
-            continue
-        # Size and mtime make edited files invalidate the cache; the file order is the doc order.
-        stats = [(f, *_size_and_mtime(root / f)) for f in files]
-        with _data_errors(f"{cfg.dataset!r} ({split})"):
-            out.append(
-                Dataset.from_generator(
-                    _read_documents,
-                    features=Features({"text": Value("string")}),
-                    gen_kwargs=gen_kwargs,
-                    cache_dir=cfg.cache_dir,
-                    num_proc=min(cfg.num_proc, len(files)) if cfg.num_proc > 1 else None,
-                    fingerprint=_fingerprint("files", str(root), stats, strict),
-                )
+        texts = _text_files(root, files, cfg, strict, inside[split], f"{cfg.dataset!r} ({split})")
+        if isinstance(texts, Dataset) and len(texts) == 0:
+            raise DataError(
+                f"the {split} split of {cfg.dataset!r} is empty: the text is too short to hold out "
+                f"validation_fraction={cfg.validation_fraction} of it by lines; add text"
             )
+        out.append(texts)
     return out[0], out[1]
+
+
+def _text_files(
+    root: Path, files: list[str], cfg: DataConfig, strict: bool, inside: tuple[float, int, bool] | None, what: str
+) -> Texts:
+    """One document per text file (or per held-out run of lines, see ``_read_documents``)."""
+    gen_kwargs = {"root": str(root), "files": files, "strict": strict, "inside": inside}
+    if cfg.streaming:
+        return IterableDataset.from_generator(_read_documents, gen_kwargs=gen_kwargs)
+    # Size and mtime make edited files invalidate the cache; the file order is the doc order.
+    stats = [(f, *_size_and_mtime(root / f)) for f in files]
+    with _data_errors(what):
+        return Dataset.from_generator(
+            _read_documents,
+            features=Features({"text": Value("string")}),
+            gen_kwargs=gen_kwargs,
+            cache_dir=cfg.cache_dir,
+            num_proc=min(cfg.num_proc, len(files)) if cfg.num_proc > 1 else None,
+            fingerprint=_fingerprint("files", str(root), stats, strict, inside),
+        )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -302,6 +422,11 @@ def _load_local(cfg: DataConfig) -> tuple[Texts, Texts]:
         )
     root = path if path.is_dir() else path.parent
     if builders == {"text"}:
+        # An empty file among others is harmless; an empty dataset must say so before any split is made.
+        if path.is_file() and _is_blank(path):
+            raise DataError(f"file {path} is empty (no text, or only NUL bytes/whitespace); point dataset at text")
+        if path.is_dir() and all(_is_blank(p) for files in split_files.values() for p in files):
+            raise DataError(f"every file in {path} is empty (no text, or only NUL bytes/whitespace); add text")
         rel = {k: [p.relative_to(root).as_posix() for p in v] for k, v in split_files.items()}
         return _file_corpus(root, rel, cfg, strict=True)
     if all(p.stat().st_size == 0 for p in split_files["train"]):
@@ -425,6 +550,51 @@ def load_text_splits(cfg: DataConfig) -> tuple[Texts, Texts]:
         else:
             train = train.select(range(min(cfg.max_train_documents, len(train))))
     return train, val
+
+
+def load_test_texts(cfg: DataConfig, split: str | None = None) -> Texts:
+    """The text ``scripts/evaluate.py`` scores; the training split is never tokenized for it.
+
+    ``split=None``: the validation split exactly as training held it out (same documents, same pieces).
+    ``split="*"``: every document of ``cfg.dataset``, a file or folder the user names as the test set.
+    Otherwise the named split: a hub split, or a local ``<split>/`` folder or ``<split>.<ext>`` file.
+    """
+    if split is None:
+        return load_text_splits(cfg)[1]
+    if cfg.dataset == "stdlib":
+        raise DataError("the stdlib corpus has no named splits; score its validation split or name a file/folder")
+    if not (_looks_like_path(cfg.dataset) or Path(cfg.dataset).expanduser().exists()):
+        name = cfg.validation_split if split == "*" else split
+        try:
+            texts = load_dataset(cfg.dataset, cfg.dataset_config, split=name, cache_dir=cfg.cache_dir,
+                                 streaming=cfg.streaming)
+        except Exception as err:  # hub, network and missing-split failures come in many types
+            raise DataError(f"could not load split {name!r} of hub dataset {cfg.dataset!r}: {err}") from err
+        return _select_text(texts, cfg, name)
+    path = Path(cfg.dataset).expanduser()
+    if not path.exists():
+        raise DataPathError(f"test set path {str(path)!r} does not exist; fix the path")
+    if split == "*":
+        files = [path] if path.is_file() else _data_files(path)
+    else:
+        found = _local_split_files(path, replace(cfg, validation_split=split)) if path.is_dir() else {}
+        if "validation" not in found:
+            raise DataError(f"{path} has no split {split!r}: no {split}/ folder or {split}.* file in it")
+        files = found["validation"]
+    if not files:
+        raise DataError(f"{path} contains no {'/'.join(_SUFFIX_BUILDERS)} files to score")
+    builders = {_SUFFIX_BUILDERS[p.suffix] for p in files}
+    if len(builders) > 1:
+        raise DataError(f"{path} mixes file types {sorted(builders)}; keep one format per dataset folder")
+    if all(_is_blank(p) for p in files):
+        raise DataError(f"file {files[0]} is empty (no text, or only NUL bytes/whitespace); point at text")
+    root = path if path.is_dir() else path.parent
+    if builders == {"text"}:
+        return _text_files(root, [p.relative_to(root).as_posix() for p in files], cfg, True, None, str(path))
+    with _data_errors(str(path)):
+        texts = load_dataset(builders.pop(), data_files={"test": [str(p) for p in files]}, split="test",
+                             cache_dir=cfg.cache_dir, streaming=cfg.streaming)
+    return _select_text(texts, cfg, "test")
 
 
 # ----------------------------------------------------------------------------- packing
@@ -735,6 +905,7 @@ __all__ = [
     "check_block_size",
     "collate_blocks",
     "is_held_out",
+    "load_test_texts",
     "load_text_splits",
     "num_batches",
     "pack_texts",

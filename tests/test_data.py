@@ -167,13 +167,24 @@ def _write_txt_corpus(folder, n=30):
     return texts
 
 
-def test_text_folder_split_by_path_hash(tmp_path):
+def test_text_folder_split_holds_out_whole_files_by_folder(tmp_path):
     texts = _write_txt_corpus(tmp_path / "c")
     cfg = DataConfig(dataset=str(tmp_path / "c"), validation_fraction=0.3, cache_dir=str(tmp_path / "cache"))
     train, val = rd.load_text_splits(cfg)
     rels = sorted(texts)
-    want_val = [texts[r] for r in rels if rd.is_held_out(r, 0.3)]
-    want_train = [texts[r] for r in rels if not rd.is_held_out(r, 0.3)]
+    # Reference: per top-level folder, files by size; a counter advancing 0.3 per file (from a hashed start)
+    # holds out the file at which it passes a whole number.
+    held = set()
+    for folder in ("sub0", "sub1", "sub2"):
+        members = sorted((r for r in rels if r.startswith(folder)), key=lambda r: len(texts[r].encode()))
+        counter = rd._unit_hash(f"stratum:{folder}")
+        for rel in members:
+            if int(counter + 0.3) > int(counter):
+                held.add(rel)
+            counter += 0.3
+        assert 2 <= len(held & set(members)) <= 4  # each folder gives its share: 3 of 10 files, give or take one
+    want_val = [texts[r] for r in rels if r in held]
+    want_train = [texts[r] for r in rels if r not in held]
     assert want_val and want_train
     assert list(val["text"]) == want_val and list(train["text"]) == want_train
     streamed, _ = rd.load_text_splits(DataConfig(dataset=str(tmp_path / "c"), validation_fraction=0.3, streaming=True))
@@ -181,6 +192,40 @@ def test_text_folder_split_by_path_hash(tmp_path):
     capped = DataConfig(dataset=str(tmp_path / "c"), validation_fraction=0.3, max_train_documents=4,
                         cache_dir=str(tmp_path / "cache"))
     assert list(rd.load_text_splits(capped)[0]["text"]) == want_train[:4]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_single_text_file_is_split_inside_and_says_so(tmp_path, caplog, streaming):
+    lines = [f"line {i}: {'é' * (i % 7)} text\n" for i in range(500)]
+    (tmp_path / "one.txt").write_text("".join(lines))
+    cfg = DataConfig(dataset=str(tmp_path / "one.txt"), validation_fraction=0.1, streaming=streaming,
+                     cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level("WARNING"):
+        train, val = rd.load_text_splits(cfg)
+    assert "too few to hold out whole ones" in caplog.text
+    train_docs, val_docs = [r["text"] for r in train], [r["text"] for r in val]
+    val_lines = [line for doc in val_docs for line in doc.splitlines(keepends=True)]
+    train_lines = [line for doc in train_docs for line in doc.splitlines(keepends=True)]
+    assert sorted(val_lines + train_lines) == sorted(lines)  # every line once, on one side
+    assert 0.07 < len(val_lines) / len(lines) < 0.13
+    positions = sorted(lines.index(line) for line in val_lines)
+    assert positions[0] < 100 and positions[-1] > 400  # spread through the file, not one end of it
+    assert len(val_docs) >= 5  # each held-out run is its own document (no artificial joins)
+
+
+def test_readme_finetune_example_small_folder_has_validation(tmp_path):
+    texts = _write_txt_corpus(tmp_path / "c", n=6)
+    cfg = DataConfig(dataset=str(tmp_path / "c"), validation_fraction=0.05, cache_dir=str(tmp_path / "cache"))
+    train, val = rd.load_text_splits(cfg)
+    assert len(val) > 0 and len(train) > 0
+    assert sum(map(len, val["text"])) + sum(map(len, train["text"])) == sum(map(len, texts.values()))
+
+
+@pytest.mark.parametrize("content", [b"", b"\0\0\0\0", b"\n \0\n"])
+def test_empty_or_nul_only_file_is_named(tmp_path, content):
+    (tmp_path / "blank.txt").write_bytes(content)
+    with pytest.raises(DataError, match=r"file .*blank\.txt is empty"):
+        rd.load_text_splits(DataConfig(dataset=str(tmp_path / "blank.txt"), cache_dir=str(tmp_path / "cache")))
 
 
 def test_jsonl_named_splits_and_text_column(tmp_path):
@@ -235,15 +280,33 @@ def test_stdlib_corpus_listing_and_cross_process_split():
     root, files = rd.stdlib_files()
     assert files == sorted(files) and len(files) > 500
     assert not any(f.startswith(("site-packages/", "pydoc_data/")) for f in files)
+    assert "encodings/cp1252.py" not in files and "encodings/aliases.py" in files  # generated tables left out
     size = sum((root / f).stat().st_size for f in files)
     assert 15e6 < size < 40e6, size
-    val = [f for f in files if rd.is_held_out(f, 0.02)]
+    val = rd._held_out_files(root, files, 0.02)
     assert 0 < len(val) < 0.05 * len(files)
-    code = ("from revformer.data import stdlib_files, is_held_out; "
-            "print([f for f in stdlib_files()[1] if is_held_out(f, 0.02)])")
+    code = ("from revformer.data import stdlib_files, _held_out_files; "
+            "root, files = stdlib_files(); print(_held_out_files(root, files, 0.02))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # a different str hash seed must not matter
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == str(val)
+
+
+def test_stdlib_validation_resembles_training():
+    """The mix of top-level folders (by bytes) is nearly the same in validation as in training."""
+    root, files = rd.stdlib_files()
+    held = set(rd._held_out_files(root, files, DataConfig().validation_fraction))
+    shares = {}
+    for side in (True, False):
+        sizes = {}
+        for f in files:
+            if (f in held) == side:
+                top = f.split("/")[0] if "/" in f else ""
+                sizes[top] = sizes.get(top, 0) + (root / f).stat().st_size
+        shares[side] = {k: v / sum(sizes.values()) for k, v in sizes.items()}
+    folders = set(shares[True]) | set(shares[False])
+    distance = 0.5 * sum(abs(shares[True].get(k, 0.0) - shares[False].get(k, 0.0)) for k in folders)
+    assert distance < 0.15, distance  # one hash of every path (and the codec tables) gave 0.33
 
 
 # ----------------------------------------------------------------------------- loaders
