@@ -16,18 +16,20 @@ Every kernel has the same signature and is picked by name from ``ATTENTION_FUNCT
 Randomness (dropout, LSH rotations) is drawn from the default generator of q's device, so
 restoring the RNG state replays a call bit for bit (the reversible engine relies on this). With
 ``dropout_p == 0`` the ``eager``, ``full`` and ``local`` kernels draw nothing; ``lsh`` draws only
-its rotations (none when ``lsh_num_buckets == 1`` or in the cached fallback).
+its rotations (none when ``lsh_num_buckets == 1`` or when fixed ``rotations`` are passed, as in eval mode).
 
 Non-SDPA kernels run the matmuls in the input dtype and the masking/softmax in at least fp32.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "ATTENTION_FUNCTIONS",
@@ -38,6 +40,7 @@ __all__ = [
     "local_attention",
     "lsh_attention",
     "lsh_buckets",
+    "lsh_rotations",
 ]
 
 AttentionFunction = Callable[..., Tensor]
@@ -112,19 +115,16 @@ def full_attention(
     return out.masked_fill(~row_ok, 0.0)
 
 
-def local_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, dropout_p: float, scale: float, config: Any
-) -> Tensor:
-    """Causal chunked attention with memory linear in length.
+def _rows(x: Tensor, idx: Tensor) -> Tensor:
+    """Rows of x (B, H, T, D) at per-batch-row indices idx (B, N) -> (B, H, N, D)."""
+    return x.gather(2, idx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
-    Key positions are cut into chunks of ``config.local_chunk_length`` (C) from index 0; the query at
-    key index p attends to keys j <= p with j // C >= p // C - ``config.local_num_chunks_before`` (N).
-    The window depends only on absolute indices, so a cached call (Tq < Tk) gives exactly the rows the
-    full-sequence call gives, and only the chunks holding the queries are computed.
-    """
-    chunk, before = int(config.local_chunk_length), int(config.local_num_chunks_before)
-    if chunk < 1 or before < 0:
-        raise ValueError(f"bad local attention config: chunk={chunk}, chunks_before={before}")
+
+def _local_chunks(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, dropout_p: float, scale: float, chunk: int,
+    before: int,
+) -> Tensor:
+    """`local` on index-aligned chunks: query at key index p sees keys j <= p with j // C >= p // C - N."""
     t_q, t_k = q.shape[-2], k.shape[-2]
     offset = t_k - t_q  # key index of the first query
     first_chunk, lead = divmod(offset, chunk)
@@ -165,21 +165,99 @@ def local_attention(
     return out[:, :, lead : lead + t_q].to(q.dtype)
 
 
-def lsh_buckets(x: Tensor, n_hashes: int, n_buckets: int) -> Tensor:
+def _gathered_attention(
+    q: Tensor, k_rows: Tensor, v_rows: Tensor, allowed: Tensor, scale: float, dropout_p: float,
+    is_self: Tensor | None = None, dropout: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Each query against its own gathered keys: q (..., Tq, D), k/v_rows (..., Tq, L, D), allowed (..., Tq, L).
+
+    Returns the output (..., Tq, D) and the per-query logsumexp (..., Tq); rows with no allowed key give 0.
+    Used for cached decoding, where the few new queries each gather their window instead of whole blocks.
+    """
+    scores = _upcast((q.unsqueeze(-2) * scale) @ k_rows.transpose(-1, -2)).squeeze(-2)  # (..., Tq, L)
+    if is_self is not None:
+        scores = scores.masked_fill(is_self, LSH_SELF_MASK_VALUE)
+    scores = scores.masked_fill(~allowed, _mask_value(scores))
+    lse = scores.logsumexp(-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)) * allowed.any(-1, keepdim=True)
+    if dropout is not None:
+        probs = dropout(probs)
+    elif dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    out = (probs.to(v_rows.dtype).unsqueeze(-2) @ v_rows).squeeze(-2)
+    return out, lse
+
+
+def local_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, dropout_p: float, scale: float, config: Any
+) -> Tensor:
+    """Causal chunked attention with memory linear in length, its chunks aligned on real tokens.
+
+    Number the real (unpadded) tokens of a row 0, 1, 2, ... (their rank r). Chunks are ``config.local_chunk_length``
+    (C) real tokens long; the real query of rank r attends to the real keys of rank s <= r with
+    s // C >= r // C - ``config.local_num_chunks_before`` (N). Padding never shifts the chunk borders, so a
+    left-padded row gives its unpadded logits. Without padding the rank is the key index; the window depends only
+    on ranks, so a cached call (Tq < Tk) gives exactly the rows the full-sequence call gives. Pad queries give 0.
+    """
+    chunk, before = int(config.local_chunk_length), int(config.local_num_chunks_before)
+    if chunk < 1 or before < 0:
+        raise ValueError(f"bad local attention config: chunk={chunk}, chunks_before={before}")
+    if key_padding_mask is None:
+        return _local_chunks(q, k, v, None, dropout_p, scale, chunk, before)
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    real = key_padding_mask.bool()  # (B, Tk)
+    pos = torch.arange(t_k, device=q.device)
+    order = torch.argsort((~real).long() * t_k + pos, dim=-1)  # (B, Tk): real positions first, in order, then pads
+    q_real = real[:, t_k - t_q :, None, None].transpose(1, 2)  # (B, 1, Tq, 1)
+    if t_q == t_k:
+        # Move the real tokens to the front of each row (pads trail, masked as keys): index == rank there.
+        compact = _local_chunks(
+            _rows(q, order), _rows(k, order), _rows(v, order), real.gather(1, order), dropout_p, scale, chunk, before
+        )
+        inverse = torch.argsort(order, dim=-1)
+        return (_rows(compact, inverse) * q_real).to(q.dtype)
+    # Cached decoding: each new query gathers the (N + 1) * C ranks of its window.
+    rank = real.long().cumsum(-1)[:, t_k - t_q :] - 1  # (B, Tq)
+    span = torch.arange((before + 1) * chunk, device=q.device)
+    k_rank = (rank.clamp(min=0) // chunk - before)[..., None] * chunk + span  # (B, Tq, L)
+    allowed = (k_rank >= 0) & (k_rank <= rank[..., None]) & real[:, t_k - t_q :, None]  # (B, Tq, L)
+    k_pos = order.gather(1, k_rank.clamp(0, t_k - 1).flatten(1))  # (B, Tq*L)
+    k_rows = _rows(k, k_pos).unflatten(2, (t_q, -1))  # (B, H, Tq, L, D)
+    v_rows = _rows(v, k_pos).unflatten(2, (t_q, -1))
+    out, _ = _gathered_attention(q, k_rows, v_rows, allowed[:, None], scale, dropout_p)
+    return out.to(q.dtype)
+
+
+def lsh_buckets(x: Tensor, n_hashes: int, n_buckets: int, rotations: Tensor | None = None) -> Tensor:
     """Hash (B, H, T, D) vectors into (B, H, n_hashes, T) bucket ids in [0, n_buckets).
 
-    One random rotation R of shape (D, n_hashes, n_buckets // 2) is drawn in fp32 from the default
-    generator of x's device and SHARED by all batch rows and heads; bucket = argmax([xR, -xR]).
-    ``n_buckets == 1`` puts every token in bucket 0 and draws nothing.
+    ``rotations`` (D, n_hashes, n_buckets // 2), or when None one drawn in fp32 from the default generator of x's
+    device, is SHARED by all batch rows and heads; bucket = argmax([xR, -xR]). ``n_buckets == 1`` puts every token
+    in bucket 0 and draws nothing.
     """
     b, h, t, d = x.shape
     if n_buckets == 1:
         return torch.zeros(b, h, n_hashes, t, dtype=torch.long, device=x.device)
     if n_buckets < 2 or n_buckets % 2:
         raise ValueError(f"lsh_num_buckets must be 1 or a positive even number, got {n_buckets}")
-    rotations = torch.randn(d, n_hashes, n_buckets // 2, device=x.device, dtype=torch.float32)
-    rotated = torch.einsum("bhtd,drk->bhrtk", x.detach().float(), rotations)  # (B, H, R, T, nb/2)
+    if rotations is None:
+        rotations = torch.randn(d, n_hashes, n_buckets // 2, device=x.device, dtype=torch.float32)
+    elif tuple(rotations.shape) != (d, n_hashes, n_buckets // 2):
+        raise ValueError(
+            f"LSH rotations have shape {tuple(rotations.shape)}, expected (head_dim, lsh_num_hashes, "
+            f"lsh_num_buckets // 2) = {(d, n_hashes, n_buckets // 2)}; build them with lsh_rotations()."
+        )
+    rotated = torch.einsum("bhtd,drk->bhrtk", x.detach().float(), rotations.to(x.device, torch.float32))
     return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+
+
+def lsh_rotations(head_dim: int, n_hashes: int, n_buckets: int, seed: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """Fixed LSH rotations (head_dim, n_hashes, n_buckets // 2) from ``seed`` (a CPU generator, so the same on
+    every device); None for one bucket. Used in eval mode and generation, where logits must be deterministic."""
+    if n_buckets == 1:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(head_dim, n_hashes, n_buckets // 2, generator=generator).to(device)
 
 
 def _gather_positions(x: Tensor, pos: Tensor) -> Tensor:
@@ -189,66 +267,174 @@ def _gather_positions(x: Tensor, pos: Tensor) -> Tensor:
     return rows.view(*pos.shape, x.shape[-1])
 
 
-def lsh_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, dropout_p: float, scale: float, config: Any
+def _seen_in_earlier_round(
+    q_pos: Tensor, k_pos: Tensor, buckets: Tensor, slots: Tensor, window: int
 ) -> Tensor:
-    """Reformer LSH attention for shared query-key (pass the same tensor as q and k).
+    """True where key k_pos already is in query q_pos's window of an earlier hash round (so it is counted once).
 
-    Keys are normalised to unit length; scores are ``scale * q . k_unit``. For each of
-    ``config.lsh_num_hashes`` rounds, tokens are hashed with ``lsh_buckets`` (one fresh rotation per
-    call, shared by batch and heads), stably sorted by (bucket, position), and the sorted sequence is
-    cut into chunks of ``config.lsh_chunk_length`` (the tail chunk padded). Each chunk attends to itself
-    and its predecessor (the first chunk has none), with a causal mask by original position, padding
-    keys masked, and a query's own key scored ``LSH_SELF_MASK_VALUE`` so it wins only when alone. Rounds
-    are merged by a softmax over their per-query logsumexps. Memory is linear in T.
-
-    Cached decoding (Tq < Tk) cannot reuse the hashing, so it falls back to exact causal attention over
-    all cached keys with the same key normalisation, self-mask and padding rules (dense (Tq, Tk)
-    scores, no rotations drawn). With several buckets, chunk boundaries depend on every token's
-    bucket, so a future token's q/k can change which PAST keys an earlier query sees (never future
-    values); this is inherent to Reformer-style causal LSH.
+    q_pos (B, H, R, *Q) and k_pos (B, H, R, *K) broadcast against each other once q_pos gets a trailing key axis;
+    buckets / slots (B, H, R, T) are each position's bucket and sorted slot per round. Returns (B, H, R, *Q, K').
     """
-    n_hashes, n_buckets, chunk = int(config.lsh_num_hashes), int(config.lsh_num_buckets), int(config.lsh_chunk_length)
-    if n_hashes < 1 or chunk < 1:
-        raise ValueError(f"bad lsh config: num_hashes={n_hashes}, chunk_length={chunk}")
+    n_rounds = buckets.shape[2]
+    qi, ki = q_pos.clamp(min=0).flatten(2), k_pos.clamp(min=0).flatten(2)
+    seen = torch.zeros((), dtype=torch.bool, device=q_pos.device)
+    later = torch.arange(n_rounds, device=q_pos.device)
+    for r in range(n_rounds - 1):
+        bq = buckets[:, :, r].gather(2, qi).view_as(q_pos).unsqueeze(-1)
+        bk = buckets[:, :, r].gather(2, ki).view_as(k_pos).unsqueeze(-2)
+        sq = slots[:, :, r].gather(2, qi).view_as(q_pos).unsqueeze(-1)
+        sk = slots[:, :, r].gather(2, ki).view_as(k_pos).unsqueeze(-2)
+        in_window = (bq == bk) & (sq - sk >= 0) & (sq - sk <= window)
+        round_after = (later > r).view(1, 1, n_rounds, *([1] * (in_window.dim() - 3)))
+        seen = seen | (in_window & round_after)
+    return seen
+
+
+def _lsh_blocks(
+    q_g: Tensor, k_g: Tensor, v_g: Tensor, pos_g: Tensor, bkt_g: Tensor, *, buckets: Tensor, slots: Tensor,
+    n_buckets: int, window: int, scale: float, dropout_p: float, dropout_seed: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """A group of g blocks of the sorted sequence: queries (B, H, R, g*C, D), keys/values and their sorted
+    positions/buckets (B, H, R, (g+1)*C[, D]) starting one block earlier. Returns sorted outputs and logsumexps."""
+    c = window
+    g = q_g.shape[-2] // c
+    q_blk = q_g.unflatten(-2, (g, c))  # (B, H, R, g, C, D)
+    k_win = k_g.unfold(-2, 2 * c, c)  # (B, H, R, g, D, 2C): block i and its predecessor
+    v_win = v_g.unfold(-2, 2 * c, c).transpose(-1, -2)  # (B, H, R, g, 2C, D)
+    kp = pos_g.unfold(-1, 2 * c, c)  # (B, H, R, g, 2C) original positions, -1 = empty slot
+    kb = bkt_g.unfold(-1, 2 * c, c)
+    qp, qb = kp[..., c:], kb[..., c:]  # a block's queries are the second half of its key window
+    i = torch.arange(c, device=q_g.device)[:, None]
+    j = torch.arange(2 * c, device=q_g.device)[None, :]
+    band = (j >= i) & (j <= i + c)  # sorted slot distance c + i - j in [0, W]: the W entries before and itself
+    allowed = (
+        band
+        & (kb.unsqueeze(-2) == qb.unsqueeze(-1))  # same bucket (sorted by position inside it: causal)
+        & (kb.unsqueeze(-2) < n_buckets)  # pad tokens sit in bucket n_buckets
+        & (kp.unsqueeze(-2) >= 0)
+        & (qp.unsqueeze(-1) >= 0)
+    )  # (B, H, R, g, C, 2C)
+    if buckets.shape[2] > 1:
+        allowed = allowed & ~_seen_in_earlier_round(qp, kp, buckets, slots, window)
+    scores = _upcast((q_blk * scale) @ k_win)  # (B, H, R, g, C, 2C)
+    scores = scores.masked_fill(kp.unsqueeze(-2) == qp.unsqueeze(-1), LSH_SELF_MASK_VALUE)
+    scores = scores.masked_fill(~allowed, _mask_value(scores))
+    lse = scores.logsumexp(-1)  # (B, H, R, g, C)
+    probs = torch.exp(scores - lse.unsqueeze(-1)) * allowed.any(-1, keepdim=True)
+    if dropout_seed is not None:
+        probs = _pair_dropout(probs, qp.unsqueeze(-1), kp.unsqueeze(-2), buckets.shape[-1], dropout_seed, dropout_p)
+    out = probs.to(v_win.dtype) @ v_win  # (B, H, R, g, C, D)
+    return out.flatten(3, 4), lse.flatten(3, 4)
+
+
+def _pair_dropout(probs: Tensor, q_pos: Tensor, k_pos: Tensor, t: int, seed: Tensor, p: float) -> Tensor:
+    """Dropout on LSH attention weights whose mask is a hash of (row, head, round, query position, key position).
+
+    LSH computes each pair in a sorted layout that later tokens can rearrange; a mask drawn in that layout would
+    let a later token decide which of an earlier query's weights are dropped. probs (B, H, R, *Q, K), q_pos
+    (B, H, R, *Q, 1) and k_pos (B, H, R, *Q | 1, K); ``seed`` (int64) is drawn once per call from the RNG.
+    """
+    b, h, r = probs.shape[:3]
+    lead = torch.arange(b * h * r, device=probs.device).view(b, h, r, *([1] * (probs.dim() - 3)))
+    z = (lead * t + q_pos.clamp(min=0)) * t + k_pos.clamp(min=0) + seed
+    # splitmix64 finaliser (int64 arithmetic wraps), then the low 24 bits as a uniform number in [0, 1).
+    z = (z ^ (z >> 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    keep = (z & 0xFFFFFF).to(torch.float32) >= p * 2**24
+    return probs * keep / (1.0 - p)
+
+
+# Score elements (fp32) one group of LSH blocks may hold at once: the group's scores are the transient peak, and
+# under autograd each group is checkpointed, so only its inputs and outputs are kept for backward.
+LSH_GROUP_SCORES = 2**22
+
+
+def lsh_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None,
+    dropout_p: float,
+    scale: float,
+    config: Any,
+    rotations: Tensor | None = None,
+) -> Tensor:
+    """Strictly causal LSH attention for shared query-key (pass the same tensor as q and k).
+
+    Keys are normalised to unit length; scores are ``scale * q . k_unit``. For each of ``config.lsh_num_hashes``
+    rounds, tokens are hashed with ``lsh_buckets`` (``rotations``, or fresh ones from the default generator),
+    pad tokens get a bucket of their own, and positions are sorted by (bucket, position). A query attends to the
+    W = ``config.lsh_chunk_length`` entries just before it in that order that share its bucket — its W most recent
+    earlier same-bucket real tokens, whatever comes later — and to itself, scored ``LSH_SELF_MASK_VALUE`` so it
+    wins only when alone. A key that several rounds select is counted once (kept in its first round), so merging
+    the rounds by their logsumexps is exactly a softmax over the union of the windows.
+
+    The set of keys a query sees depends on earlier tokens only, so the kernel is strictly causal, ignores padding
+    and decodes with a cache exactly (each new query gathers its W + 1 window slots). Training works on blocks of
+    W sorted slots, each attending to itself and its predecessor under a band + bucket mask, in groups of blocks
+    checkpointed under autograd: memory linear in T.
+    """
+    n_hashes, n_buckets, window = int(config.lsh_num_hashes), int(config.lsh_num_buckets), int(config.lsh_chunk_length)
+    if n_hashes < 1 or window < 1:
+        raise ValueError(f"bad lsh config: num_hashes={n_hashes}, chunk_length={window}")
     k = F.normalize(_upcast(k), dim=-1, eps=1e-6).to(k.dtype)
-    t_q, t = q.shape[-2], k.shape[-2]
-    if t_q < t:
-        return _dense_attention(q, k, v, key_padding_mask, dropout_p, scale, self_mask_value=LSH_SELF_MASK_VALUE)
-
-    b, h, _, d = q.shape
-    n_chunks = -(-t // chunk)
+    b, h, t_q, d = q.shape
+    t = k.shape[-2]
     pos = torch.arange(t, device=q.device)
-    buckets = lsh_buckets(k, n_hashes, n_buckets)  # (B, H, R, T)
-    perm = torch.argsort(buckets * t + pos, dim=-1, stable=True)  # (B, H, R, T): sorted slot -> position
-    # Sorted positions padded to whole chunks with -1 (no token); keys see their chunk + predecessor.
-    q_pos = F.pad(perm, (0, n_chunks * chunk - t), value=-1)  # (B, H, R, n*C)
-    k_pos = F.pad(q_pos, (chunk, 0), value=-1).unfold(-1, 2 * chunk, chunk)  # (B, H, R, n, 2C)
-    q_pos = q_pos.unflatten(-1, (n_chunks, chunk))  # (B, H, R, n, C)
-
-    q_c = _gather_positions(q, q_pos)  # (B, H, R, n, C, D)
-    k_c = _gather_positions(k, k_pos)  # (B, H, R, n, 2C, D)
-    v_c = _gather_positions(v, k_pos)  # (B, H, R, n, 2C, D)
-
-    qp, kp = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)  # (B, H, R, n, C, 1), (B, H, R, n, 1, 2C)
-    allowed = (kp >= 0) & (kp <= qp)  # (B, H, R, n, C, 2C); causal by original position
+    buckets = lsh_buckets(k, n_hashes, n_buckets, rotations)  # (B, H, R, T)
     if key_padding_mask is not None:
-        real = key_padding_mask.bool()[:, None, :].expand(b, h, t)  # (B, H, T)
-        allowed = allowed & real.gather(2, k_pos.clamp(min=0).flatten(2)).view_as(k_pos).unsqueeze(-2)
+        buckets = buckets.masked_fill(~key_padding_mask.bool()[:, None, None, :], n_buckets)
+    perm = torch.argsort(buckets * t + pos, dim=-1)  # (B, H, R, T): sorted slot -> position (keys are unique)
+    slots = torch.empty_like(perm).scatter_(-1, perm, pos.expand_as(perm))  # position -> sorted slot
+    seed = torch.randint(-(2**62), 2**62, (), device=q.device) if dropout_p > 0.0 else None
 
-    scores = _upcast((q_c * scale) @ k_c.transpose(-1, -2))  # (B, H, R, n, C, 2C)
-    scores = scores.masked_fill(kp == qp, LSH_SELF_MASK_VALUE).masked_fill(~allowed, _mask_value(scores))
-    lse = scores.logsumexp(-1, keepdim=True)  # (B, H, R, n, C, 1)
-    probs = torch.exp(scores - lse) * allowed.any(-1, keepdim=True)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
-    out = (probs.to(v.dtype) @ v_c).flatten(3, 4)[:, :, :, :t]  # (B, H, R, T, D) in sorted order
+    if t_q < t:  # cached decoding: each new query gathers the W + 1 slots ending at its own
+        offset = t - t_q
+        q_pos = pos[offset:].view(1, 1, 1, t_q).expand(b, h, n_hashes, t_q)
+        k_slot = slots[..., offset:, None] - torch.arange(window, -1, -1, device=q.device)  # (B, H, R, Tq, W+1)
+        k_pos = perm.gather(-1, k_slot.clamp(min=0).flatten(-2)).view_as(k_slot)
+        k_bkt = buckets.gather(-1, k_pos.flatten(-2)).view_as(k_pos)
+        allowed = (k_slot >= 0) & (k_bkt == buckets[..., offset:, None]) & (k_bkt < n_buckets)
+        if n_hashes > 1:
+            allowed = allowed & ~_seen_in_earlier_round(q_pos[..., None], k_pos, buckets, slots, window).squeeze(-2)
+        q_r = q.unsqueeze(2).expand(b, h, n_hashes, t_q, d)
+        drop = None if seed is None else partial(
+            _pair_dropout, q_pos=q_pos.unsqueeze(-1), k_pos=k_pos, t=t, seed=seed, p=dropout_p
+        )
+        out, lse = _gathered_attention(
+            q_r, _gather_positions(k, k_pos), _gather_positions(v, k_pos), allowed, scale, dropout_p,
+            is_self=k_pos == q_pos.unsqueeze(-1), dropout=drop,
+        )  # (B, H, R, Tq, D), (B, H, R, Tq)
+    else:
+        c = window
+        n = -(-t // c)
 
-    # Undo the sort: inverse[..., p] is the sorted slot of position p.
-    inverse = torch.empty_like(perm).scatter_(-1, perm, pos.expand_as(perm))  # (B, H, R, T)
-    out = out.gather(3, inverse.unsqueeze(-1).expand(-1, -1, -1, -1, d))  # (B, H, R, T, D)
-    lse = lse.flatten(3, 4)[:, :, :, :t].gather(3, inverse.unsqueeze(-1))  # (B, H, R, T, 1)
-    weights = lse.softmax(dim=2)  # combine rounds by their logsumexps
+        def sort_pad(x: Tensor, value: float) -> Tensor:  # sorted order, one empty block in front, whole blocks
+            return F.pad(x, (0, 0, c, n * c - t) if x.dim() == 5 else (c, n * c - t), value=value)
+
+        q_s, k_s, v_s = (sort_pad(_gather_positions(x, perm), 0.0) for x in (q, k, v))  # (B, H, R, (n+1)C, D)
+        pos_s = sort_pad(perm, -1)  # (B, H, R, (n+1)C)
+        bkt_s = sort_pad(buckets.gather(-1, perm), -1)
+        per_block = b * h * n_hashes * 2 * c * c * (4 if seed is not None else 1)  # the dropout hash is int64
+        group = max(1, LSH_GROUP_SCORES // per_block)
+        checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        fn = partial(_lsh_blocks, buckets=buckets, slots=slots, n_buckets=n_buckets, window=c, scale=scale,
+                     dropout_p=dropout_p, dropout_seed=seed)  # fmt: skip
+        outs, lses = [], []
+        for g0 in range(0, n, group):
+            g1 = min(n, g0 + group)
+            keys = slice(g0 * c, (g1 + 1) * c)
+            args = (q_s[..., (g0 + 1) * c : (g1 + 1) * c, :], k_s[..., keys, :], v_s[..., keys, :], pos_s[..., keys],
+                    bkt_s[..., keys])  # fmt: skip
+            out_g, lse_g = checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args)
+            outs.append(out_g)
+            lses.append(lse_g)
+        # Back from sorted slots to positions.
+        out = torch.cat(outs, dim=3).gather(3, slots.unsqueeze(-1).expand(-1, -1, -1, -1, d))  # (B, H, R, T, D)
+        lse = torch.cat(lses, dim=3).gather(3, slots)  # (B, H, R, T)
+    weights = lse.softmax(dim=2).unsqueeze(-1)  # rounds hold disjoint keys: this is one softmax over their union
     return (weights * _upcast(out)).sum(dim=2).to(q.dtype)
 
 

@@ -19,8 +19,12 @@ class RevformerConfig(PreTrainedConfig):
         attention_layers (`list[str]` or `str`): attention kernel per layer, each one of `full`, `local`, `lsh`; a
             single string applies to every layer; `None` means `full` everywhere.
         local_chunk_length, local_num_chunks_before: `local` attention window (a chunk attends to itself and that
-            many previous chunks).
-        lsh_num_buckets, lsh_num_hashes, lsh_chunk_length: `lsh` attention (Reformer) hashing parameters.
+            many previous chunks; chunks are counted in real tokens, so padding does not move them).
+        lsh_num_buckets, lsh_num_hashes, lsh_chunk_length: `lsh` attention: each hash round puts tokens into
+            `lsh_num_buckets` buckets, and a token attends to its `lsh_chunk_length` most recent earlier tokens of
+            its bucket in any of `lsh_num_hashes` rounds (and to itself when nothing else).
+        lsh_seed (`int`): seed of the fixed LSH rotations used in eval mode and generation (one per layer, derived
+            from it); training draws fresh rotations every forward.
         chunk_size_feed_forward (`int`): feed-forward in sequence chunks of this many tokens (0 = no chunking).
         loss_chunk_size (`int`): LM head + cross-entropy in sequence chunks (0 = no chunking); full-sequence logits
             then never exist in training.
@@ -62,6 +66,7 @@ class RevformerConfig(PreTrainedConfig):
     lsh_num_buckets: int = 32
     lsh_num_hashes: int = 2
     lsh_chunk_length: int = 64
+    lsh_seed: int = 0
     loss_chunk_size: int = 0
     stream_dtype: str = "float32"
     stream_fraction_bits: int = 32

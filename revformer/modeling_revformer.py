@@ -321,7 +321,7 @@ class RevformerModel(RevformerPreTrainedModel):
                 f"{self.config.max_position_embeddings}); truncate the input or build the model with a larger "
                 f"max_position_embeddings."
             )
-        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+        if position_ids is None and attention_mask is not None and attention_mask.shape == (batch, past + seq):
             # Count positions over real tokens, as generate() does: a left-padded row then gets its unpadded
             # positions (which `lsh` hashing depends on, not just relative offsets).
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]

@@ -107,11 +107,12 @@ def test_fully_masked_rows_are_zero_with_finite_grads() -> None:
 
 
 def local_allowed(t_q: int, t_k: int, chunk: int, before: int, mask: Tensor | None) -> Tensor:
-    q_pos = torch.arange(t_k - t_q, t_k)[:, None]
-    k_pos = torch.arange(t_k)[None, :]
-    window = (k_pos <= q_pos) & (k_pos // chunk >= q_pos // chunk - before)
-    allowed = window[None, None]
-    return allowed if mask is None else allowed & mask[:, None, None, :]
+    """Chunks counted in real tokens: rank = index among the row's real tokens (the index itself unpadded)."""
+    real = torch.ones(1, t_k, dtype=torch.bool) if mask is None else mask
+    rank = real.long().cumsum(-1) - 1  # (B | 1, Tk)
+    q_rank, k_rank = rank[:, t_k - t_q :, None], rank[:, None, :]
+    window = (k_rank <= q_rank) & (k_rank // chunk >= q_rank // chunk - before)
+    return (window & real[:, None, :] & real[:, t_k - t_q :, None])[:, None]
 
 
 @pytest.mark.parametrize("t_k", [13, 16, 3])
@@ -121,7 +122,7 @@ def test_local_matches_windowed_reference(t_k: int, before: int, n_queries: int 
     t_q = t_k if n_queries is None else min(n_queries, t_k - 1)
     q, k, v = qkv(t_k, seed=t_k + before)
     q_last = q[:, :, t_k - t_q :]
-    for mask in (None, left_padding(t_k, (0, 2))):
+    for mask in (None, left_padding(t_k, (0, 2)), left_padding(t_k, (1, 0)) & (torch.arange(t_k) != t_k // 2)):
         ref, _ = reference(q_last, k, v, local_allowed(t_q, t_k, 4, before, mask))
         out = attend("local", q_last, k, v, mask, local_chunk_length=4, local_num_chunks_before=before)
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
@@ -140,83 +141,96 @@ def test_local_cached_rows_equal_full_sequence_rows(t_q: int) -> None:
 # ------------------------------------------------------------------------------------------------------- lsh
 
 
-@pytest.mark.parametrize("n_hashes", [1, 3])
+def rotations(n_hashes: int, n_buckets: int, seed: int = 0) -> Tensor:
+    return torch.randn(D, n_hashes, n_buckets // 2, generator=torch.Generator().manual_seed(seed))
+
+
+def attend_lsh(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, rot: Tensor | None, p: float = 0.0,
+               **cfg: int) -> Tensor:
+    return ATTENTION_FUNCTIONS["lsh"](q, k, v, key_padding_mask=mask, dropout_p=p, scale=SCALE,
+                                      config=make_config(**cfg), rotations=rot)
+
+
+def naive_lsh_allowed(k: Tensor, mask: Tensor | None, rot: Tensor | None, n_buckets: int, window: int,
+                      t_q: int) -> Tensor:
+    """(B, H, Tq, Tk) keys each query sees, written from the rule with loops: in each hash round, the query's
+    `window` most recent earlier real tokens of its bucket, plus itself; the union over the rounds."""
+    b, h, t, _ = k.shape
+    if rot is None:
+        buckets = torch.zeros(b, h, 1, t, dtype=torch.long)
+    else:
+        rotated = torch.einsum("bhtd,drk->bhrtk", unit(k).detach().float(), rot)
+        buckets = torch.cat([rotated, -rotated], -1).argmax(-1)  # (B, H, R, T)
+    real = torch.ones(b, t, dtype=torch.bool) if mask is None else mask
+    allowed = torch.zeros(b, h, t_q, t, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for qi in range(t_q):
+                i = t - t_q + qi
+                if not real[bi, i]:
+                    continue
+                allowed[bi, hi, qi, i] = True
+                for bk in buckets[bi, hi]:
+                    same = [j for j in range(i) if real[bi, j] and bk[j] == bk[i]]
+                    for j in same[max(0, len(same) - window) :]:
+                        allowed[bi, hi, qi, j] = True
+    return allowed
+
+
+LSH_CASES = [  # (t, buckets, hashes, window): lengths not multiples of the window; one bucket = a sliding window
+    (13, 4, 3, 3), (16, 4, 2, 4), (11, 8, 2, 2), (9, 2, 1, 5), (14, 1, 1, 4), (7, 4, 2, 16),
+]
+
+
+@pytest.mark.parametrize("t,n_buckets,n_hashes,window", LSH_CASES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_lsh_single_bucket_whole_chunk_is_exact_self_masked_attention(n_hashes: int, padded: bool) -> None:
-    t = 11
-    q, _, v = qkv(t, shared_qk=True)
+def test_lsh_matches_dense_reference(t: int, n_buckets: int, n_hashes: int, window: int, padded: bool) -> None:
+    q, _, v = qkv(t, seed=t + n_buckets, shared_qk=True)
     mask = left_padding(t, (0, 3)) if padded else None
-    out = attend("lsh", q, q, v, mask, lsh_num_buckets=1, lsh_num_hashes=n_hashes, lsh_chunk_length=t)
-    ref, _ = reference(q, unit(q), v, causal_allowed(t, t, mask), self_value=LSH_SELF_MASK_VALUE)
+    rot = rotations(n_hashes, n_buckets) if n_buckets > 1 else None
+    cfg = dict(lsh_num_buckets=n_buckets, lsh_num_hashes=n_hashes, lsh_chunk_length=window)
+    allowed = naive_lsh_allowed(q, mask, rot, n_buckets, window, t)
+    ref, _ = reference(q, unit(q), v, allowed, self_value=LSH_SELF_MASK_VALUE)
+    out = attend_lsh(q, q, v, mask, rot, **cfg)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
     assert_same_grads(out, ref, (q, v))
-
-
-def test_lsh_single_bucket_small_chunks_is_local_window() -> None:
-    t, chunk = 13, 4
-    q, _, v = qkv(t, shared_qk=True)
-    out = attend("lsh", q, q, v, lsh_num_buckets=1, lsh_num_hashes=1, lsh_chunk_length=chunk)
-    ref, _ = reference(q, unit(q), v, local_allowed(t, t, chunk, 1, None), self_value=LSH_SELF_MASK_VALUE)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
-
-
-def naive_lsh(
-    q: Tensor, v: Tensor, mask: Tensor | None, seed: int, n_hashes: int, n_buckets: int, chunk: int
-) -> tuple[Tensor, Tensor]:
-    """Dense per-round LSH: same rotations (same seed), allowed pairs from the sorted chunks."""
-    t = q.shape[-2]
-    k = unit(q)
-    torch.manual_seed(seed)
-    rotations = torch.randn(D, n_hashes, n_buckets // 2)
-    rotated = torch.einsum("bhtd,drk->bhrtk", k.detach().float(), rotations)
-    buckets = torch.cat([rotated, -rotated], -1).argmax(-1)  # (B, H, R, T)
-    outs, lses = [], []
-    for r in range(n_hashes):
-        # Rank of each position in the (bucket, position) order -> its chunk.
-        order = [sorted(range(t), key=lambda i: (int(bk[i]), i)) for bk in buckets[:, :, r].reshape(-1, t)]
-        chunk_of = torch.empty(B * H, t, dtype=torch.long)
-        for row, o in enumerate(order):
-            for rank, i in enumerate(o):
-                chunk_of[row, i] = rank // chunk
-        chunk_of = chunk_of.view(B, H, t)
-        gap = chunk_of[..., :, None] - chunk_of[..., None, :]  # query chunk - key chunk
-        same_or_prev = (gap == 0) | (gap == 1)
-        allowed = same_or_prev & causal_allowed(t, t, mask)
-        out, lse = reference(q, k, v, allowed, self_value=LSH_SELF_MASK_VALUE)
-        outs.append(out)
-        lses.append(lse)
-    weights = torch.stack(lses).softmax(0)
-    return (weights * torch.stack(outs)).sum(0), buckets
-
-
-@pytest.mark.parametrize("t,chunk", [(13, 3), (16, 4), (5, 2)])
-@pytest.mark.parametrize("padded", [False, True])
-def test_lsh_matches_naive_hashing(t: int, chunk: int, padded: bool) -> None:
-    q, _, v = qkv(t, seed=t, shared_qk=True)
-    mask = left_padding(t, (0, 2)) if padded else None
-    cfg = dict(lsh_num_buckets=4, lsh_num_hashes=3, lsh_chunk_length=chunk)
-    torch.manual_seed(123)
-    out = attend("lsh", q, q, v, mask, **cfg)
-    ref, buckets = naive_lsh(q, v, mask, 123, 3, 4, chunk)
-    assert buckets.unique().numel() > 1  # the hashing is really exercised
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
-    assert_same_grads(out, ref, (q, v))
-    if t > 2 * chunk:  # windows are genuinely restricted: differs from exact attention
+    if t > window + 1 and (n_buckets > 1 or t > window + 2):  # the windows are genuinely restricted
+        assert (causal_allowed(t, t, mask) & ~allowed).any()
         exact, _ = reference(q, unit(q), v, causal_allowed(t, t, mask), self_value=LSH_SELF_MASK_VALUE)
         assert not torch.allclose(out, exact)
 
 
-@pytest.mark.parametrize("t_q", [1, 4])
-def test_lsh_cached_fallback_is_exact_self_masked_attention(t_q: int) -> None:
-    t = 12
-    q, _, v = qkv(t, shared_qk=True)
-    mask = left_padding(t, (0, 3))
+@pytest.mark.parametrize("t,n_buckets,n_hashes,window", LSH_CASES[:4])
+@pytest.mark.parametrize("t_q", [1, 3])
+def test_lsh_cached_rows_match_dense_reference_and_full_rows(t: int, n_buckets: int, n_hashes: int, window: int,
+                                                          t_q: int) -> None:
+    q, _, v = qkv(t, seed=t, shared_qk=True)
+    mask = left_padding(t, (0, 2))
+    rot = rotations(n_hashes, n_buckets, seed=1)
+    cfg = dict(lsh_num_buckets=n_buckets, lsh_num_hashes=n_hashes, lsh_chunk_length=window)
     state = torch.get_rng_state()
-    out = attend("lsh", q[:, :, -t_q:], q, v, mask)
-    assert torch.equal(state, torch.get_rng_state())  # no rotations drawn
-    ref, _ = reference(q[:, :, -t_q:], unit(q), v, causal_allowed(t_q, t, mask), self_value=LSH_SELF_MASK_VALUE)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
-    assert_same_grads(out, ref, (q, v))
+    cached = attend_lsh(q[:, :, -t_q:], q, v, mask, rot, **cfg)
+    assert torch.equal(state, torch.get_rng_state())  # fixed rotations: nothing drawn
+    full_seq = attend_lsh(q, q, v, mask, rot, **cfg)
+    torch.testing.assert_close(cached, full_seq[:, :, -t_q:], atol=1e-12, rtol=1e-10)
+    ref, _ = reference(q[:, :, -t_q:], unit(q), v, naive_lsh_allowed(q, mask, rot, n_buckets, window, t_q),
+                       self_value=LSH_SELF_MASK_VALUE)
+    torch.testing.assert_close(cached, ref, atol=1e-12, rtol=1e-10)
+    assert_same_grads(cached, ref, (q, v))
+
+
+def test_lsh_grouped_blocks_equal_one_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks run in checkpointed groups under autograd: values and gradients as with a single group."""
+    import revformer.attention as attention
+
+    q, _, v = qkv(29, shared_qk=True)
+    rot = rotations(2, 4)
+    cfg = dict(lsh_num_buckets=4, lsh_num_hashes=2, lsh_chunk_length=3)
+    one = attend_lsh(q, q, v, None, rot, **cfg)
+    monkeypatch.setattr(attention, "LSH_GROUP_SCORES", 1)  # one block per group
+    grouped = attend_lsh(q, q, v, None, rot, **cfg)
+    torch.testing.assert_close(grouped, one, atol=1e-12, rtol=1e-10)
+    assert_same_grads(grouped, one, (q, v))
 
 
 def test_lsh_self_attends_only_when_alone() -> None:
@@ -236,14 +250,24 @@ def test_lsh_determinism() -> None:
         runs.append(attend("lsh", q, q, v, **cfg))
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
+    fixed = [attend_lsh(q, q, v, None, rotations(2, 8, seed=s), **cfg) for s in (3, 3)]
+    assert torch.equal(fixed[0], fixed[1])
+
+
+def test_lsh_rejects_rotations_of_the_wrong_shape() -> None:
+    q, _, v = qkv(6, shared_qk=True)
+    with pytest.raises(ValueError, match="lsh_rotations"):
+        attend_lsh(q, q, v, None, rotations(2, 8), lsh_num_buckets=4, lsh_num_hashes=2)
 
 
 # -------------------------------------------------------------------------------------------- all kernels
 
 
 def leak_configs(name: str) -> list[dict[str, int]]:
-    if name == "lsh":  # one bucket: hashing cannot move earlier tokens' chunks
-        return [dict(lsh_num_buckets=1, lsh_chunk_length=3), dict(lsh_num_buckets=1, lsh_chunk_length=16)]
+    if name == "lsh":  # several buckets: a later token's bucket must not move what earlier queries see
+        return [dict(lsh_num_buckets=4, lsh_num_hashes=2, lsh_chunk_length=3),
+                dict(lsh_num_buckets=8, lsh_num_hashes=3, lsh_chunk_length=2),
+                dict(lsh_num_buckets=1, lsh_chunk_length=16)]
     return [
         dict(local_chunk_length=3, local_num_chunks_before=1),
         dict(local_chunk_length=4, local_num_chunks_before=0),
@@ -255,16 +279,40 @@ def test_no_future_leak_by_perturbation(name: str) -> None:
     t = 14
     q, k, v = (x.detach() for x in qkv(t, shared_qk=name == "lsh"))
     for cfg in leak_configs(name):
+        torch.manual_seed(0)  # the same fresh LSH rotations for every call
         base = attend(name, q, k, v, **cfg)
-        for pos in (0, 5, t - 1):
+        for pos in (0, 5, 9, t - 1):
             q2, k2, v2 = q.clone(), k.clone(), v.clone()
-            noise = torch.randn(B, H, D, dtype=q.dtype)
+            noise = 3 * torch.randn(B, H, D, dtype=q.dtype)
             q2[:, :, pos] += noise
             k2[:, :, pos] += noise if name == "lsh" else -noise  # keep shared QK shared
             v2[:, :, pos] += 3.0
+            torch.manual_seed(0)
             out = attend(name, q2, k2, v2, **cfg)
-            torch.testing.assert_close(out[:, :, :pos], base[:, :, :pos], atol=0, rtol=0)
+            torch.testing.assert_close(out[:, :, :pos], base[:, :, :pos], atol=1e-12, rtol=0)
             assert not torch.allclose(out[:, :, pos:], base[:, :, pos:])
+
+
+@pytest.mark.parametrize("name", KERNELS)
+@pytest.mark.parametrize("n_queries", [None, 2])  # None: training (Tq == Tk); else cached, Tq < Tk
+def test_left_padding_gives_the_unpadded_rows(name: str, n_queries: int | None) -> None:
+    """A row with p leading pads equals the same tokens unpadded, for every kernel (lsh with fixed rotations)."""
+    t, pads = 11, 4
+    q, k, v = (x.detach() for x in qkv(t, seed=5, shared_qk=name == "lsh"))
+    k = q if name == "lsh" else k
+    mask = left_padding(t + pads, (pads, pads))
+    filler = torch.randn(B, H, pads, D, dtype=q.dtype)
+    padded = [torch.cat([filler, x], dim=2) for x in (q, k, v)]
+    t_q = t + pads if n_queries is None else n_queries
+    cfg = dict(local_chunk_length=3, local_num_chunks_before=1, lsh_num_buckets=4, lsh_num_hashes=2, lsh_chunk_length=3)
+    kwargs = dict(key_padding_mask=mask, dropout_p=0.0, scale=SCALE, config=make_config(**cfg))
+    extra = dict(rotations=rotations(2, 4)) if name == "lsh" else {}
+    fn = ATTENTION_FUNCTIONS[name]
+    out = fn(padded[0][:, :, -t_q:], padded[1], padded[2], **kwargs, **extra)
+    alone = fn(q[:, :, -min(t_q, t) :], k, v, **{**kwargs, "key_padding_mask": None}, **extra)
+    torch.testing.assert_close(out[:, :, -t:], alone, atol=1e-12, rtol=1e-10)
+    if n_queries is None:
+        assert out[:, :, :pads].abs().max() == 0  # pad queries give 0
 
 
 @pytest.mark.parametrize("name", KERNELS)
@@ -344,3 +392,128 @@ def test_long_sequence_memory_linear_kernels_run() -> None:
     for name in ("local", "lsh"):
         out = attend(name, q, q if name == "lsh" else k, v, local_chunk_length=64, lsh_chunk_length=64)
         assert out.shape == (1, 1, t, D) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------- in the model (tiny configs)
+
+MODEL_KINDS = {
+    "full": dict(attention_layers="full"),
+    "local": dict(attention_layers="local", local_chunk_length=4, local_num_chunks_before=1),
+    "lsh": dict(attention_layers="lsh", lsh_num_buckets=4, lsh_num_hashes=2, lsh_chunk_length=4),
+    "lsh_8x3": dict(attention_layers="lsh", lsh_num_buckets=8, lsh_num_hashes=3, lsh_chunk_length=3),
+    "mixed": dict(attention_layers=["local", "lsh", "full", "lsh"], num_hidden_layers=4, local_chunk_length=3,
+                  lsh_num_buckets=4, lsh_num_hashes=2, lsh_chunk_length=5),
+}
+
+
+def make_model(kind: str, sharpen: float = 6.0, **overrides: object):
+    """A tiny model whose attention projections are scaled up, so attention is far from uniform and any leak or
+    change of the attended set shows in the logits."""
+    from conftest import tiny_config
+    from revformer import RevformerForCausalLM
+
+    torch.manual_seed(0)
+    model = RevformerForCausalLM(tiny_config(**{**MODEL_KINDS[kind], **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("q_proj", "k_proj", "v_proj")):
+                p.mul_(sharpen)
+    return model
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_model_perturbing_a_token_leaves_earlier_logits_unchanged(kind: str, mode: str) -> None:
+    model = make_model(kind, hidden_dropout=0.1, attention_dropout=0.1)
+    model.train(mode == "train")
+    ids = torch.randint(3, 128, (2, 37))  # not a multiple of any window
+    with torch.no_grad():
+        torch.manual_seed(1)  # train mode: the same rotations and dropout masks for every forward
+        base = model(ids).logits
+        for j in (6, 21, 36):
+            changed = ids.clone()
+            changed[:, j] = (ids[:, j] + 17) % 125 + 3
+            torch.manual_seed(1)
+            out = model(changed).logits
+            torch.testing.assert_close(out[:, :j], base[:, :j], atol=1e-5, rtol=0)
+            assert (out[:, j:] - base[:, j:]).abs().max() > 1e-3  # the change does reach later positions
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+def test_model_eval_is_deterministic_and_survives_save_load(kind: str, tmp_path) -> None:
+    from revformer import RevformerForCausalLM
+
+    model = make_model(kind).eval()
+    ids = torch.randint(3, 128, (2, 30))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = model(ids).logits
+        torch.manual_seed(2)  # eval mode must not depend on the global RNG
+        second = model(ids).logits
+        model.save_pretrained(tmp_path)
+        loaded = RevformerForCausalLM.from_pretrained(tmp_path).eval()
+        reloaded = loaded(ids).logits
+    assert torch.equal(first, second)
+    torch.testing.assert_close(reloaded, first, atol=1e-6, rtol=0)
+    if kind.startswith("lsh"):  # training draws fresh rotations: two training forwards differ
+        with torch.no_grad():
+            model.train()
+            assert not torch.allclose(model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+def test_model_cached_decoding_equals_full_forward(kind: str) -> None:
+    model = make_model(kind).eval()
+    ids = torch.randint(3, 128, (2, 23))
+    with torch.no_grad():
+        full = model(ids).logits
+        for pieces in ([1] * 23, [9, 1, 5, 8]):  # token by token; a prompt, then several tokens per step
+            cache, logits, start = None, [], 0
+            for n in pieces:
+                out = model(ids[:, start : start + n], cache=cache, use_cache=True)
+                cache, start = out.cache, start + n
+                logits.append(out.logits)
+            torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-4, rtol=0)
+
+
+def left_padded(prompts: list[Tensor]) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_KINDS))
+def test_model_left_padded_batch_equals_rows_alone(kind: str) -> None:
+    model = make_model(kind).eval()
+    prompts = [torch.randint(3, 128, (n,)) for n in (13, 21, 6)]
+    ids, mask = left_padded(prompts)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for i, p in enumerate(prompts):
+            alone = model(p[None]).logits
+            torch.testing.assert_close(batched[i, -len(p) :], alone[0], atol=1e-4, rtol=0)
+        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        generated = model.generate(ids, attention_mask=mask, **kwargs)
+        for i, p in enumerate(prompts):
+            single = model.generate(p[None], **kwargs)
+            assert torch.equal(generated[i, -8:], single[0, -8:]), (kind, i)
+
+
+@pytest.mark.parametrize("kind", ["lsh", "lsh_8x3", "mixed"])
+def test_model_reversible_gradients_equal_plain_with_dropout(kind: str) -> None:
+    from conftest import relative_error
+
+    model = make_model(kind, sharpen=1.0, hidden_dropout=0.1, attention_dropout=0.1).train()
+    ids = torch.randint(3, 128, (2, 29))
+    grads = {}
+    for reversible in (True, False):
+        model.config.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same rotations and dropout masks on both paths
+        model(ids, labels=ids).loss.backward()
+        grads[reversible] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, plain in grads[False].items():
+        assert relative_error(grads[True][name], plain) < 1e-5, (kind, name)

@@ -76,8 +76,6 @@ def test_chunked_feed_forward_never_runs_on_the_whole_sequence():
 def test_no_future_token_leaks(kind):
     torch.manual_seed(0)
     overrides = dict(KERNEL_CONFIGS[kind])
-    if kind == "mixed":
-        overrides["lsh_num_buckets"] = 1  # with several buckets a future token can move chunk borders (see README)
     model = RevformerForCausalLM(tiny_config(num_hidden_layers=4, **overrides)).eval()
     ids = torch.randint(0, 128, (1, 40))
     t = 23
@@ -88,7 +86,7 @@ def test_no_future_token_leaks(kind):
         before = model(ids).logits
         torch.manual_seed(1)
         after = model(changed).logits
-    assert torch.equal(before[:, :t], after[:, :t])
+    torch.testing.assert_close(before[:, :t], after[:, :t], atol=1e-5, rtol=0)  # lsh: sorted blocks round differently
     assert not torch.allclose(before[:, t:], after[:, t:])
 
 
@@ -101,13 +99,10 @@ def test_cached_generation_is_exact_for_exact_kernels(kind):
     assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
 
 
-def test_lsh_generation_with_cache_uses_exact_attention_over_the_cache():
+def test_lsh_generation_with_cache_equals_the_full_forward():
     torch.manual_seed(0)
     lsh = RevformerForCausalLM(tiny_config(**KERNEL_CONFIGS["lsh"])).eval()
-    # The same weights with one bucket and a chunk covering everything: LSH is then exact shared-QK attention,
-    # which is what cached decoding falls back to.
-    exact = RevformerForCausalLM(tiny_config(attention_layers="lsh", lsh_num_buckets=1, lsh_chunk_length=256)).eval()
-    exact.load_state_dict(lsh.state_dict())
+    exact = lsh  # eval mode: fixed rotations, so cached decoding reproduces the full forward (more in test_attention)
     ids = torch.randint(3, 128, (1, 12))
     with torch.no_grad():
         cache, stepwise = None, []
@@ -115,7 +110,7 @@ def test_lsh_generation_with_cache_uses_exact_attention_over_the_cache():
             out = lsh(ids[:, t : t + 1], cache=cache, use_cache=True)
             cache = out.cache
             stepwise.append(out.logits[:, -1])
-        reference = exact(ids, use_cache=True).logits  # a cache selects the exact fallback here too
+        reference = exact(ids).logits
     assert torch.allclose(torch.stack(stepwise, dim=1), reference, atol=1e-5)
     prompt = ids[:, :9]
     generated = lsh.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
