@@ -25,9 +25,11 @@ class RevformerConfig(PreTrainedConfig):
             its bucket in any of `lsh_num_hashes` rounds (and to itself when nothing else).
         lsh_seed (`int`): seed of the fixed LSH rotations used in eval mode and generation (one per layer, derived
             from it); training draws fresh rotations every forward.
-        chunk_size_feed_forward (`int`): feed-forward in sequence chunks of this many tokens (0 = no chunking).
-        loss_chunk_size (`int`): LM head + cross-entropy in sequence chunks (0 = no chunking); full-sequence logits
-            then never exist in training.
+        chunk_size_feed_forward (`int`, defaults to 1024): the feed-forward runs this many tokens at a time, so its
+            (tokens, intermediate_size) activations never exist for a whole long sequence, in forward or backward;
+            shorter sequences run in one piece (0 = never chunk). Results do not depend on it.
+        loss_chunk_size (`int`, defaults to 256): with labels for more positions (batch x length) than this, the LM
+            head and cross-entropy run this many positions at a time and full logits never exist (0 = never chunk).
         stream_dtype (`str`): `float32` residual streams, or `fixed_point`: streams on a grid of
             2^-stream_fraction_bits (integer multiples held exactly in float64), which makes the coupling exactly
             invertible whatever precision F and G compute in.
@@ -67,7 +69,9 @@ class RevformerConfig(PreTrainedConfig):
     lsh_num_hashes: int = 2
     lsh_chunk_length: int = 64
     lsh_seed: int = 0
-    loss_chunk_size: int = 0
+    # Memory options, on by default: they leave short sequences alone and cost little on long ones (README).
+    chunk_size_feed_forward: int = 1024
+    loss_chunk_size: int = 256
     stream_dtype: str = "float32"
     stream_fraction_bits: int = 32
 

@@ -54,7 +54,7 @@ LABELS = {
     "llama_ckpt": "Llama + checkpointing",
     "reformer": "HF Reformer (local)",
 }
-SUITES = ("depth", "core", "length", "longseq", "quality")
+SUITES = ("depth", "core", "length", "longseq", "quality", "memory")
 # Plot style per model (colour, marker, line): overlapping curves stay visible.
 STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "llama": ("C2", "^", "-"),
           "llama_ckpt": ("C3", "v", "--"), "reformer": ("C4", "D", ":")}
@@ -82,7 +82,9 @@ class Spec:
     batch_size: int = 1
     attention: str = "full"  # revformer's kernel: full | local | lsh (Reformer is always local)
     attn_chunk: int = 128  # local / lsh chunk length (revformer and Reformer)
-    chunk: int = 0  # revformer chunk_size_feed_forward and loss_chunk_size (0 = none)
+    chunk: int | None = None  # revformer chunk_size_feed_forward and loss_chunk_size (0 = none, None = defaults)
+    ff_chunk: int | None = None  # chunk_size_feed_forward alone, overriding `chunk`
+    loss_chunk: int | None = None  # loss_chunk_size alone, overriding `chunk`
     device: str = "cpu"
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     threads: int = 1
@@ -107,6 +109,7 @@ class Defaults:
     length: dict[str, Any]
     longseq: dict[str, Any]
     quality: dict[str, Any]
+    memory: dict[str, Any]
 
 
 DEFAULTS = {
@@ -119,6 +122,11 @@ DEFAULTS = {
                      "full_max_len": 32768, "chunk": 1024, "attn_chunk": 128},
         quality={"hidden_size": 128, "num_heads": 4, "num_layers": 4, "seq_len": 256, "batch_size": 8, "steps": 250,
                  "lr": 3e-3, "eval_every": 50, "val_blocks": 512},
+        memory={"hidden_size": 256, "num_heads": 4, "num_layers": 8, "vocab_size": 8192,
+                "lengths": [4096, 8192, 16384, 32768],
+                "max_len": {"llama": 16384, "revformer_no_chunking": 16384, "revformer_ff_chunks_only": 16384,
+                            "revformer_loss_chunks_only": 16384},
+                "longest": True, "budget_gib": 0.25, "start": 1024, "longest_max_len": 65536},
     ),
     "cuda": Defaults(
         depth={"hidden_size": 1024, "num_heads": 16, "seq_len": 4096, "depths": [2, 6, 12, 24, 48], "steps": 10},
@@ -130,6 +138,9 @@ DEFAULTS = {
                      "full_max_len": 2**20, "chunk": 4096, "attn_chunk": 256},
         quality={"hidden_size": 256, "num_heads": 8, "num_layers": 6, "seq_len": 512, "batch_size": 16, "steps": 2000,
                  "lr": 2e-3, "eval_every": 200, "val_blocks": 2048},
+        memory={"hidden_size": 1024, "num_heads": 16, "num_layers": 12, "vocab_size": 32000,
+                "lengths": [8192, 16384, 32768, 65536, 131072], "max_len": {"llama": 32768},
+                "longest": True, "budget_gib": None, "start": 8192, "longest_max_len": 2**21},
     ),
 }
 
@@ -148,11 +159,12 @@ def build_model(spec: Spec) -> Any:
         from revformer import RevformerConfig, RevformerForCausalLM
 
         buckets = max(2, spec.seq_len // spec.attn_chunk // 2 * 2)  # ~one bucket per chunk, even
+        chunks = {"chunk_size_feed_forward": spec.chunk if spec.ff_chunk is None else spec.ff_chunk,
+                  "loss_chunk_size": spec.chunk if spec.loss_chunk is None else spec.loss_chunk}
         config = RevformerConfig(
             **common, intermediate_size=spec.intermediate_size, reversible=spec.model == "revformer",
             attention_layers=spec.attention, local_chunk_length=spec.attn_chunk, lsh_chunk_length=spec.attn_chunk,
-            lsh_num_buckets=buckets, lsh_num_hashes=2, chunk_size_feed_forward=spec.chunk,
-            loss_chunk_size=spec.chunk,
+            lsh_num_buckets=buckets, lsh_num_hashes=2, **{k: v for k, v in chunks.items() if v is not None},
         )  # fmt: skip
         model = RevformerForCausalLM(config)
     elif spec.model.startswith("llama"):
@@ -192,13 +204,19 @@ def autocast(spec: Spec) -> Any:
     return torch.autocast(spec.device.split(":")[0], dtype=torch.bfloat16, enabled=spec.dtype == "bf16")
 
 
+def forward_backward(model: Any, ids: Any, spec: Spec) -> Any:
+    """Forward with labels and backward; the loss, detached."""
+    with autocast(spec):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach()
+
+
 def train_step(model: Any, optimizer: Any, ids: Any, spec: Spec, clip: float | None = None) -> float:
     """One full training step: forward with labels, backward, (clip,) optimizer step, zero grads."""
     import torch
 
-    with autocast(spec):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
+    loss = forward_backward(model, ids, spec)
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
@@ -281,22 +299,30 @@ def emit(record: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(record), flush=True)
 
 
-def memory_worker(spec: Spec, budget: int | None, warmup_len: int) -> None:
+def memory_worker(spec: Spec, budget: int | None, warmup_len: int, with_optimizer: bool = True) -> None:
     """Peak memory of one training step at `spec.seq_len`, after a short warm-up step that creates the optimizer
-    state. CPU: MemTracker (where it works) and peak RSS; a watchdog stops the step once RSS passes `budget`.
-    CUDA: max_memory_allocated; out-of-memory is caught and reported."""
+    state; without the optimizer (`with_optimizer=False`), of one forward+backward from zeroed (None) gradients, so
+    optimizer state cannot hide activations. CPU: MemTracker (where it works) and peak RSS; a watchdog stops the
+    step once RSS passes `budget`. CUDA: max_memory_allocated; out-of-memory is caught and reported."""
     import threading
 
     import torch
 
     setup_worker(spec)
     cuda = spec.device.startswith("cuda")
-    record: dict[str, Any] = {"mode": "memory", "spec": dataclasses.asdict(spec)}
+    record: dict[str, Any] = {"mode": "memory", "spec": dataclasses.asdict(spec), "with_optimizer": with_optimizer}
     record.update(environment(spec.device, spec.threads))
     model = build_model(spec)
-    optimizer = make_optimizer(model)
-    train_step(model, optimizer, random_ids(spec, min(spec.seq_len, warmup_len)), spec)
+    optimizer = make_optimizer(model) if with_optimizer else None
+    warmup_ids = random_ids(spec, min(spec.seq_len, warmup_len))
+    if optimizer is not None:
+        train_step(model, optimizer, warmup_ids, spec)
+    else:
+        forward_backward(model, warmup_ids, spec)
+        model.zero_grad(set_to_none=True)
     stats = param_stats(model, optimizer)
+    step = (lambda: train_step(model, optimizer, ids, spec)) if optimizer else (
+        lambda: float(forward_backward(model, ids, spec)))
     record.update(stats, budget_bytes=budget)
     resident = stats["param_bytes"] + stats["optimizer_state_bytes"]  # alive before the step starts
     ids = random_ids(spec)
@@ -310,7 +336,7 @@ def memory_worker(spec: Spec, budget: int | None, warmup_len: int) -> None:
             from torch.distributed._tools.mem_tracker import MemTracker
 
             tracker = MemTracker()
-            tracker.track_external(model, optimizer)
+            tracker.track_external(*(m for m in (model, optimizer) if m is not None))
         rss_before = proc_status("VmRSS")
         reset_peak_rss()
         if budget is not None:
@@ -330,9 +356,9 @@ def memory_worker(spec: Spec, budget: int | None, warmup_len: int) -> None:
     try:
         if tracker is not None:
             with tracker:
-                loss = train_step(model, optimizer, ids, spec)
+                loss = step()
         else:
-            loss = train_step(model, optimizer, ids, spec)
+            loss = step()
         synchronize(spec.device)
     except torch.OutOfMemoryError:
         record.update(ok=False, over_budget=True, oom=True)
@@ -354,6 +380,7 @@ def memory_worker(spec: Spec, budget: int | None, warmup_len: int) -> None:
         else:
             record.update(peak_bytes=record["rss_peak_bytes"], peak_source="rss")
     record["activation_bytes"] = record["peak_bytes"] - stats["static_bytes"]
+    record["growth_bytes"] = record["peak_bytes"] - resident  # what the step added: activations (+ gradients)
     judged = record["peak_bytes"] if cuda else record["rss_peak_bytes"]
     record["over_budget"] = budget is not None and judged > budget
     emit(record)
@@ -515,7 +542,8 @@ def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks:
 def worker_main(payload: dict[str, Any]) -> None:
     mode = payload["mode"]
     if mode == "memory":
-        memory_worker(Spec(**payload["spec"]), payload.get("budget"), payload.get("warmup_len", 256))
+        memory_worker(Spec(**payload["spec"]), payload.get("budget"), payload.get("warmup_len", 256),
+                      payload.get("with_optimizer", True))
     elif mode == "time":
         time_worker([Spec(**s) for s in payload["specs"]], payload["warmup"], payload["steps"])
     elif mode == "train":
@@ -567,8 +595,10 @@ class Runner:
                 print(self.log[-1], file=sys.stderr, flush=True)
         return records
 
-    def memory(self, spec: Spec, suite: str, budget: int | None = None, **tags: Any) -> dict[str, Any]:
-        payload = {"mode": "memory", "spec": dataclasses.asdict(spec), "budget": budget}
+    def memory(self, spec: Spec, suite: str, budget: int | None = None, with_optimizer: bool = True,
+               **tags: Any) -> dict[str, Any]:
+        payload = {"mode": "memory", "spec": dataclasses.asdict(spec), "budget": budget,
+                   "with_optimizer": with_optimizer}
         return self.launch(payload, suite, True, **tags)[0]
 
     def time(self, specs: list[Spec], suite: str, steps: int, warmup: int = 1, **tags: Any) -> list[dict[str, Any]]:
@@ -624,12 +654,13 @@ def suite_core(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any]) 
 
 
 def longest_sequence(runner: Runner, spec: Spec, start: int, max_len: int, budget: int | None,
-                     quantum: int = 256, resolution: float = 0.25) -> dict[str, Any]:
+                     quantum: int = 256, resolution: float = 0.25, suite: str = "length",
+                     with_optimizer: bool = True, **tags: Any) -> dict[str, Any]:
     """Longest `seq_len` whose training step fits: double from `start`, then bisect to within `resolution`."""
     probes: dict[int, bool] = {}
 
     def fits(seq_len: int) -> bool:
-        r = runner.memory(spec.replace(seq_len=seq_len), "length", budget, probe=True)
+        r = runner.memory(spec.replace(seq_len=seq_len), suite, budget, with_optimizer, probe=True, **tags)
         probes[seq_len] = bool(r.get("ok")) and not r.get("over_budget")
         if not r.get("ok") and not r.get("over_budget"):
             raise RuntimeError(f"probe failed: {describe(r)}")
@@ -687,6 +718,45 @@ def suite_longseq(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any
     print(growth_table(read_records(runner.out / "longseq.jsonl")), file=sys.stderr)
 
 
+# What a user compares (suite `memory`): revformer as shipped, each memory option alone, and the baselines.
+MEMORY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "revformer": ("revformer", {}),  # RevformerConfig defaults
+    "revformer_no_chunking": ("revformer", {"chunk": 0}),
+    "revformer_ff_chunks_only": ("revformer", {"loss_chunk": 0}),
+    "revformer_loss_chunks_only": ("revformer", {"ff_chunk": 0}),
+    "llama": ("llama", {}),
+    "llama_ckpt": ("llama_ckpt", {}),
+    "reformer": ("reformer", {}),
+}
+
+
+def suite_memory(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
+    """Peak memory of one forward+backward (no optimizer state to hide activations) against length, and the longest
+    sequence whose forward+backward fits a memory budget, for every entry of MEMORY_VARIANTS."""
+    variants = [v for v in MEMORY_VARIANTS if MEMORY_VARIANTS[v][0] in args.models]
+    for seq_len in sizes["lengths"]:
+        for variant in variants:
+            model, overrides = MEMORY_VARIANTS[variant]
+            if seq_len > sizes["max_len"].get(variant, math.inf):
+                continue
+            spec = base_spec(args, sizes, model, seq_len=seq_len, **overrides)
+            runner.memory(spec, "memory", with_optimizer=False, variant=variant)
+    gib = args.memory_budget_gib if args.memory_budget_gib is not None else sizes["budget_gib"]
+    budget = int(gib * 2**30) if gib else None
+    for variant in variants if sizes.get("longest") else []:
+        model, overrides = MEMORY_VARIANTS[variant]
+        spec = base_spec(args, sizes, model, **overrides)
+        try:
+            result = longest_sequence(runner, spec, sizes["start"], sizes["longest_max_len"], budget,
+                                      suite="memory_probes", with_optimizer=False, variant=variant)
+        except RuntimeError as exc:
+            result = {"mode": "longest", "model": model, "ok": False, "error": str(exc)}
+        result.update(suite="memory", variant=variant, spec=dataclasses.asdict(spec), device=args.device)
+        with open(runner.out / "memory.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"[memory] {variant}: longest {result.get('longest')} within {gib} GiB", file=sys.stderr, flush=True)
+
+
 def suite_quality(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
     """Same data, same tokens: revformer reversible, plain, and a Llama with the same parameter count."""
     for model in ("revformer", "revformer_plain", "llama"):
@@ -697,7 +767,7 @@ def suite_quality(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any
 
 
 SUITE_FUNCTIONS = {"depth": suite_depth, "core": suite_core, "length": suite_length, "longseq": suite_longseq,
-                   "quality": suite_quality}
+                   "quality": suite_quality, "memory": suite_memory}
 
 
 # ---------------------------------------------------------------------------------------------- parent: report
