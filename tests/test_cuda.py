@@ -182,22 +182,22 @@ def reference_attention(kind: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor
         allowed = allowed & mask[:, None, None, :]
     if kind in ("eager", "full"):
         return dense_reference(q, k, v, allowed, scale)[0]
-    if kind == "local":
-        chunk = pos // config.local_chunk_length
-        return dense_reference(q, k, v, allowed & (chunk[None, :] >= chunk[:, None] - config.local_num_chunks_before),
-                               scale)[0]
-    # lsh: shared QK (keys normalized), per round the sorted-by-(bucket, position) rank decides the chunk; a query
-    # sees keys of its chunk and the previous one; rounds are merged by a softmax over their logsumexps.
+    real = torch.ones(1, t, dtype=torch.bool, device=q.device) if mask is None else mask  # (B | 1, T)
+    if kind == "local":  # chunks counted in real tokens (padding does not move them)
+        chunk = (real.long().cumsum(-1) - 1) // config.local_chunk_length  # (B | 1, T)
+        near = chunk[:, None, None, :] >= chunk[:, None, :, None] - config.local_num_chunks_before
+        return dense_reference(q, k, v, allowed & near, scale)[0]
+    # lsh: shared QK (keys normalized); in each round a real query sees the lsh_chunk_length most recent earlier real
+    # tokens of its bucket, and itself; one softmax over the union of the rounds' keys.
     k = F.normalize(k, dim=-1, eps=1e-6)
-    outs, lses = [], []
+    key_real = real[:, None, None, :]  # (B | 1, 1, 1, T)
+    seen = torch.eye(t, dtype=torch.bool, device=q.device) & real[:, None, :, None]  # itself, if real
     for r in range(buckets.shape[2]):
-        order = torch.argsort(buckets[:, :, r] * t + pos, dim=-1, stable=True)  # (B, H, T)
-        rank = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
-        gap = (rank // config.lsh_chunk_length)[..., :, None] - (rank // config.lsh_chunk_length)[..., None, :]
-        out, lse = dense_reference(q, k, v, allowed & ((gap == 0) | (gap == 1)), scale, LSH_SELF_MASK_VALUE)
-        outs.append(out)
-        lses.append(lse)
-    return (torch.stack(lses).softmax(0) * torch.stack(outs)).sum(0)
+        same = (buckets[:, :, r, :, None] == buckets[:, :, r, None, :]) & key_real  # (B, H, T, T)
+        in_bucket_rank = (same & (pos[None, :] <= pos[:, None])).sum(-1)  # real same-bucket tokens up to each one
+        between = in_bucket_rank[..., :, None] - in_bucket_rank[..., None, :]  # of them in (key, query]
+        seen = seen | (same & allowed & (between <= config.lsh_chunk_length))
+    return dense_reference(q, k, v, allowed & seen, scale, LSH_SELF_MASK_VALUE)[0]
 
 
 @pytest.mark.parametrize("kind", ["eager", "full", "local", "lsh"])
