@@ -608,7 +608,8 @@ class Runner:
 
 def describe(r: dict[str, Any]) -> str:
     s = r.get("spec", {})
-    head = f"[{r.get('suite')}] {r.get('mode')} {s.get('model')} L={s.get('num_layers')} T={s.get('seq_len')}"
+    head = (f"[{r.get('suite')}] {r.get('mode')} {r.get('variant') or s.get('model')} L={s.get('num_layers')} "
+            f"T={s.get('seq_len')}")
     if s.get("attention", "full") != "full" or s.get("chunk"):
         head += f" attn={s.get('attention')} chunk={s.get('chunk')}"
     if not r.get("ok") and not r.get("over_budget"):
@@ -861,6 +862,19 @@ def evaluate_targets(res: dict[str, list[dict[str, Any]]]) -> list[tuple[str, st
             ck = longest["llama_ckpt"]["longest"]
             out.append(("Longest sequence above checkpointed Llama",
                         f"{rev_l} vs {ck} tokens ({rev_l / max(ck, 1):.2f}x)", "met" if rev_l > ck else "missed"))
+    growth, longest_at_budget = memory_tables(res.get("memory", []))
+    base, rev = growth.get("llama_ckpt", {}), growth.get("revformer", {})
+    for length in sorted(set(base) & set(rev)):
+        ratio = rev[length] / base[length]
+        target = 0.35 if length <= 4096 else None
+        out.append((f"Default revformer's forward+backward memory at {length} tokens vs Llama + checkpointing"
+                    + (f" <= {target}x" if target else ""),
+                    f"{rev[length] / MiB:.0f} vs {base[length] / MiB:.0f} MiB ({ratio:.2f}x)",
+                    ("met" if ratio <= target else "missed") if target else "info"))
+    if longest_at_budget.get("revformer") and longest_at_budget.get("llama_ckpt"):
+        rev_l, ck = longest_at_budget["revformer"]["longest"], longest_at_budget["llama_ckpt"]["longest"]
+        out.append(("Longest forward+backward at equal budget >= 4x Llama + checkpointing (default revformer)",
+                    f"{rev_l} vs {ck} tokens ({rev_l / max(ck, 1):.2f}x)", "met" if rev_l >= 4 * ck else "missed"))
     bpb = {r["spec"]["model"]: r["val_bpb"] for r in res.get("quality", []) if r.get("mode") == "train" and r.get("ok")}
     for other in ("revformer_plain", "llama"):
         if "revformer" in bpb and other in bpb:
@@ -869,6 +883,52 @@ def evaluate_targets(res: dict[str, list[dict[str, Any]]]) -> list[tuple[str, st
                         f"{bpb['revformer']:.4f} vs {bpb[other]:.4f} ({rel:+.2%}; lower is better)",
                         "met" if abs(rel) <= 0.02 else "missed"))
     return out
+
+
+MEMORY_LABELS = {
+    "revformer": "revformer, default config", "revformer_no_chunking": "revformer, no chunking",
+    "revformer_ff_chunks_only": "revformer, FF chunks only", "revformer_loss_chunks_only": "revformer, loss chunks only",
+    "llama": "Llama", "llama_ckpt": "Llama + checkpointing", "reformer": "HF Reformer (local, FF chunks)",
+}
+
+
+def memory_tables(records: list[dict[str, Any]]) -> tuple[dict[str, dict[int, int]], dict[str, dict[str, Any]]]:
+    """From the memory suite: {variant: {length: growth bytes of one forward+backward}} and {variant: longest}."""
+    growth: dict[str, dict[int, int]] = {}
+    for r in ok_memory(records):
+        growth.setdefault(r["variant"], {})[r["spec"]["seq_len"]] = r["growth_bytes"]
+    longest = {r["variant"]: r for r in records if r.get("mode") == "longest" and "longest" in r}
+    return growth, longest
+
+
+def memory_markdown(records: list[dict[str, Any]]) -> list[str]:
+    growth, longest = memory_tables(records)
+    if not growth:
+        return []
+    s = ok_memory(records)[0]["spec"]
+    lengths = sorted({t for rows in growth.values() for t in rows})
+    base = growth.get("llama_ckpt", {})
+    lines = [(f"## What a user compares: memory of one forward+backward (d={s['hidden_size']}, {s['num_layers']} "
+              f"layers, vocabulary {s['vocab_size']}, batch {s['batch_size']})"), "",
+             ("Growth of peak memory during one forward+backward from zeroed gradients (activations + gradients; no "
+              "optimizer state), MiB, and its ratio to Llama + checkpointing. `-`: not run (too slow here)."), "",
+             "| model | " + " | ".join(f"{t // 1024}K" for t in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for variant in MEMORY_VARIANTS:
+        rows = growth.get(variant)
+        if rows:
+            cells = [(f"{rows[t] / MiB:.0f}" + (f" ({rows[t] / base[t]:.2f}x)" if t in base else "")) if t in rows
+                     else "-" for t in lengths]
+            lines.append(f"| {MEMORY_LABELS[variant]} | " + " | ".join(cells) + " |")
+    if longest:
+        budget = next(iter(longest.values())).get("budget_bytes")
+        ck = longest.get("llama_ckpt", {}).get("longest")
+        lines += ["", f"Longest sequence whose forward+backward fits {budget / 2**30:g} GiB (doubling, then bisection):",
+                  "", "| model | longest | vs Llama + checkpointing |", "|---|---|---|"]
+        for variant, r in longest.items():
+            cap = " (search cap)" if r.get("capped") else ""
+            rel = f"{r['longest'] / ck:.2f}x" if ck else "-"
+            lines.append(f"| {MEMORY_LABELS[variant]} | {r['longest']}{cap} | {rel} |")
+    return lines + [""]
 
 
 def render_markdown(out: Path, res: dict[str, list[dict[str, Any]]]) -> str:
@@ -947,6 +1007,7 @@ def render_markdown(out: Path, res: dict[str, list[dict[str, Any]]]) -> str:
                   f"{s['num_layers']} layers, chunk length {s['attn_chunk']})"), "",
                   "Growth per doubling = activation(2T) / activation(T); linear when <= 2.2.", "",
                   growth_table(res["longseq"]), ""]
+    lines += memory_markdown(res.get("memory", []))
     quality = [r for r in res.get("quality", []) if r.get("mode") == "train" and r.get("ok")]
     if quality:
         s = quality[0]["spec"]
@@ -1034,6 +1095,30 @@ def render_plots(out: Path, res: dict[str, list[dict[str, Any]]]) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         save(fig, "longseq_memory_vs_length.png")
+    growth, longest = memory_tables(res.get("memory", []))
+    if growth:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+        for i, (variant, rows) in enumerate((v, growth[v]) for v in MEMORY_VARIANTS if v in growth):
+            xs = sorted(rows)
+            axes[0].plot(xs, [rows[x] / MiB for x in xs], marker="os^v<>D"[i % 7], color=f"C{i}",
+                         linestyle="-" if variant.startswith("revformer") else "--", label=MEMORY_LABELS[variant])
+        budget = next((r.get("budget_bytes") for r in longest.values() if r.get("budget_bytes")), None)
+        if budget:
+            axes[0].axhline(budget / MiB, color="grey", ls=":", label="budget of the right panel")
+        axes[0].set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="MiB",
+                    title="memory of one forward+backward")
+        axes[0].grid(alpha=0.3, which="both")
+        axes[0].legend(fontsize=7)
+        if longest:
+            names = [v for v in MEMORY_VARIANTS if v in longest]
+            axes[1].barh([MEMORY_LABELS[v] for v in names], [longest[v]["longest"] for v in names],
+                         color=[f"C{list(MEMORY_VARIANTS).index(v)}" for v in names])
+            axes[1].invert_yaxis()
+            axes[1].tick_params(axis="y", labelsize=7)
+            axes[1].set(xlabel="tokens", title=f"longest sequence within {budget / 2**30:g} GiB" if budget else
+                        "longest sequence")
+            axes[1].grid(alpha=0.3, axis="x")
+        save(fig, "memory_forward_backward.png")
     quality = [r for r in res.get("quality", []) if r.get("mode") == "train" and r.get("ok")]
     if quality:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
