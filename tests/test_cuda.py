@@ -478,3 +478,15 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     assert sum(r.get("mode") == "memory" and r.get("ok") for r in records) == 4
     assert "# GPU check: CPU" in (tmp_path / "SUMMARY.md").read_text()
     assert (tmp_path / "bench" / "README.md").exists() and (tmp_path / "gpu_check.log").stat().st_size > 0
+
+
+def test_multi_node_fsdp_launch_config_is_what_accelerate_reads():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / "fsdp_multinode.yaml"))
+    assert config.distributed_type == DistributedType.FSDP and config.fsdp_config["fsdp_version"] == 2
+    assert (config.num_machines, config.num_processes, config.machine_rank) == (2, 16, 0)  # 2 machines x 8 GPUs
+    assert config.main_process_ip and config.main_process_port and config.rdzv_backend == "static"
+    # the shard units are the modules the reversible engine calls, as in fsdp.yaml
+    assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "RevformerAttention,RevformerFeedForward"
