@@ -267,62 +267,70 @@ def _gather_positions(x: Tensor, pos: Tensor) -> Tensor:
     return rows.view(*pos.shape, x.shape[-1])
 
 
-def _seen_in_earlier_round(
-    q_pos: Tensor, k_pos: Tensor, buckets: Tensor, slots: Tensor, window: int
-) -> Tensor:
-    """True where key k_pos already is in query q_pos's window of an earlier hash round (so it is counted once).
+def _seen_in_earlier_round(q_pos: Tensor, k_pos: Tensor, codes: Tensor, window: int) -> Tensor:
+    """For hash rounds 1..R-1: True where key k_pos is already in query q_pos's window of an earlier round.
 
-    q_pos (B, H, R, *Q) and k_pos (B, H, R, *K) broadcast against each other once q_pos gets a trailing key axis;
-    buckets / slots (B, H, R, T) are each position's bucket and sorted slot per round. Returns (B, H, R, *Q, K').
+    Such keys are dropped from the later round, so every key is counted once. q_pos and k_pos (B, H, R, ...)
+    broadcast against each other; codes (B, H, R, T) = bucket * (T + W + 1) + sorted slot of each position, so that "same
+    bucket and 0 <= slot(q) - slot(k) <= W" is one difference of codes. Returns (B, H, R - 1, ...).
     """
-    n_rounds = buckets.shape[2]
-    qi, ki = q_pos.clamp(min=0).flatten(2), k_pos.clamp(min=0).flatten(2)
-    seen = torch.zeros((), dtype=torch.bool, device=q_pos.device)
-    later = torch.arange(n_rounds, device=q_pos.device)
-    for r in range(n_rounds - 1):
-        bq = buckets[:, :, r].gather(2, qi).view_as(q_pos).unsqueeze(-1)
-        bk = buckets[:, :, r].gather(2, ki).view_as(k_pos).unsqueeze(-2)
-        sq = slots[:, :, r].gather(2, qi).view_as(q_pos).unsqueeze(-1)
-        sk = slots[:, :, r].gather(2, ki).view_as(k_pos).unsqueeze(-2)
-        in_window = (bq == bk) & (sq - sk >= 0) & (sq - sk <= window)
-        round_after = (later > r).view(1, 1, n_rounds, *([1] * (in_window.dim() - 3)))
-        seen = seen | (in_window & round_after)
+    seen = None
+    for r in range(codes.shape[2] - 1):  # round r's windows, checked against every later round's pairs
+        q_r, k_r = q_pos[:, :, r + 1 :], k_pos[:, :, r + 1 :]
+        cq = codes[:, :, r].gather(2, q_r.clamp(min=0).flatten(2)).view_as(q_r)
+        ck = codes[:, :, r].gather(2, k_r.clamp(min=0).flatten(2)).view_as(k_r)
+        diff = cq - ck
+        in_window = (diff >= 0) & (diff <= window)
+        if seen is None:
+            seen = in_window
+        else:
+            seen[:, :, r:] |= in_window
     return seen
 
 
+def _masked_softmax(scores: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax of ``scores`` over the allowed entries of the last axis and its logsumexp; rows with no allowed
+    entry give probabilities 0 and logsumexp ``finfo.min`` (so they weigh nothing when rounds are merged)."""
+    row_ok = allowed.any(-1, keepdim=True)
+    row_max = scores.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True).detach()  # shift-invariant
+    row_max = torch.where(row_ok, row_max, 0.0)
+    # exp's vectorised path needs arguments in its normal range: clamp to [-80, 0] (exp(-80) ~ 2e-35 against the
+    # row maximum's 1, far below rounding); masked entries are zeroed after.
+    e = torch.exp((scores - row_max).clamp(-80.0, 0.0)).masked_fill(~allowed, 0.0)
+    total = e.sum(-1, keepdim=True).clamp(min=torch.finfo(e.dtype).tiny)
+    lse = torch.where(row_ok, row_max + total.log(), torch.finfo(e.dtype).min)
+    return e / total, lse.squeeze(-1)
+
+
 def _lsh_blocks(
-    q_g: Tensor, k_g: Tensor, v_g: Tensor, pos_g: Tensor, bkt_g: Tensor, *, buckets: Tensor, slots: Tensor,
-    n_buckets: int, window: int, scale: float, dropout_p: float, dropout_seed: Tensor | None,
+    q_g: Tensor, k_g: Tensor, v_g: Tensor, pos_g: Tensor, start_g: Tensor, *, first_block: int, codes: Tensor,
+    window: int, scale: float, dropout_p: float, dropout_seed: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """A group of g blocks of the sorted sequence: queries (B, H, R, g*C, D), keys/values and their sorted
-    positions/buckets (B, H, R, (g+1)*C[, D]) starting one block earlier. Returns sorted outputs and logsumexps."""
+    """Blocks first_block .. first_block + g - 1 of the sorted sequence: queries (B, H, R, g*C, D) with the first
+    slot of their bucket's run (B, H, R, g*C), keys/values and their positions (B, H, R, (g+1)*C[, D]) starting one
+    block earlier. Returns the sorted outputs (B, H, R, g*C, D) and logsumexps (B, H, R, g*C)."""
     c = window
     g = q_g.shape[-2] // c
     q_blk = q_g.unflatten(-2, (g, c))  # (B, H, R, g, C, D)
     k_win = k_g.unfold(-2, 2 * c, c)  # (B, H, R, g, D, 2C): block i and its predecessor
     v_win = v_g.unfold(-2, 2 * c, c).transpose(-1, -2)  # (B, H, R, g, 2C, D)
+    device = q_g.device
+    i = torch.arange(c, device=device)[:, None]
+    j = torch.arange(2 * c, device=device)[None, :]
+    # Key j of a block's window is c + i - j sorted slots before query i: the band keeps the W = C slots before the
+    # query and the query itself; keys before the start of the query's bucket run are other buckets.
+    band = (j >= i) & (j <= i + c)  # (C, 2C)
+    k_slot = (first_block - 1 + torch.arange(g, device=device))[:, None] * c + j  # (g, 2C) global sorted slots
+    allowed = band & (k_slot[:, None, :] >= start_g.unflatten(-1, (g, c)).unsqueeze(-1))  # (B, H, R, g, C, 2C)
     kp = pos_g.unfold(-1, 2 * c, c)  # (B, H, R, g, 2C) original positions, -1 = empty slot
-    kb = bkt_g.unfold(-1, 2 * c, c)
-    qp, qb = kp[..., c:], kb[..., c:]  # a block's queries are the second half of its key window
-    i = torch.arange(c, device=q_g.device)[:, None]
-    j = torch.arange(2 * c, device=q_g.device)[None, :]
-    band = (j >= i) & (j <= i + c)  # sorted slot distance c + i - j in [0, W]: the W entries before and itself
-    allowed = (
-        band
-        & (kb.unsqueeze(-2) == qb.unsqueeze(-1))  # same bucket (sorted by position inside it: causal)
-        & (kb.unsqueeze(-2) < n_buckets)  # pad tokens sit in bucket n_buckets
-        & (kp.unsqueeze(-2) >= 0)
-        & (qp.unsqueeze(-1) >= 0)
-    )  # (B, H, R, g, C, 2C)
-    if buckets.shape[2] > 1:
-        allowed = allowed & ~_seen_in_earlier_round(qp, kp, buckets, slots, window)
+    qp = kp[..., c:]  # a block's queries are the second half of its key window
+    if codes.shape[2] > 1:
+        allowed[:, :, 1:] &= ~_seen_in_earlier_round(qp.unsqueeze(-1), kp.unsqueeze(-2), codes, window)
     scores = _upcast((q_blk * scale) @ k_win)  # (B, H, R, g, C, 2C)
-    scores = scores.masked_fill(kp.unsqueeze(-2) == qp.unsqueeze(-1), LSH_SELF_MASK_VALUE)
-    scores = scores.masked_fill(~allowed, _mask_value(scores))
-    lse = scores.logsumexp(-1)  # (B, H, R, g, C)
-    probs = torch.exp(scores - lse.unsqueeze(-1)) * allowed.any(-1, keepdim=True)
+    scores = scores.masked_fill(j == i + c, LSH_SELF_MASK_VALUE)  # the query's own key
+    probs, lse = _masked_softmax(scores, allowed)
     if dropout_seed is not None:
-        probs = _pair_dropout(probs, qp.unsqueeze(-1), kp.unsqueeze(-2), buckets.shape[-1], dropout_seed, dropout_p)
+        probs = _pair_dropout(probs, qp.unsqueeze(-1), kp.unsqueeze(-2), codes.shape[-1], dropout_seed, dropout_p)
     out = probs.to(v_win.dtype) @ v_win  # (B, H, R, g, C, D)
     return out.flatten(3, 4), lse.flatten(3, 4)
 
@@ -347,7 +355,7 @@ def _pair_dropout(probs: Tensor, q_pos: Tensor, k_pos: Tensor, t: int, seed: Ten
 
 # Score elements (fp32) one group of LSH blocks may hold at once: the group's scores are the transient peak, and
 # under autograd each group is checkpointed, so only its inputs and outputs are kept for backward.
-LSH_GROUP_SCORES = 2**22
+LSH_GROUP_SCORES = 2**20
 
 
 def lsh_attention(
@@ -388,6 +396,7 @@ def lsh_attention(
         buckets = buckets.masked_fill(~key_padding_mask.bool()[:, None, None, :], n_buckets)
     perm = torch.argsort(buckets * t + pos, dim=-1)  # (B, H, R, T): sorted slot -> position (keys are unique)
     slots = torch.empty_like(perm).scatter_(-1, perm, pos.expand_as(perm))  # position -> sorted slot
+    codes = buckets * (t + window + 1) + slots  # same bucket and slot distance in [0, W] <=> code distance in [0, W]
     seed = torch.randint(-(2**62), 2**62, (), device=q.device) if dropout_p > 0.0 else None
 
     if t_q < t:  # cached decoding: each new query gathers the W + 1 slots ending at its own
@@ -398,36 +407,39 @@ def lsh_attention(
         k_bkt = buckets.gather(-1, k_pos.flatten(-2)).view_as(k_pos)
         allowed = (k_slot >= 0) & (k_bkt == buckets[..., offset:, None]) & (k_bkt < n_buckets)
         if n_hashes > 1:
-            allowed = allowed & ~_seen_in_earlier_round(q_pos[..., None], k_pos, buckets, slots, window).squeeze(-2)
-        q_r = q.unsqueeze(2).expand(b, h, n_hashes, t_q, d)
+            allowed[:, :, 1:] &= ~_seen_in_earlier_round(q_pos.unsqueeze(-1), k_pos, codes, window)
         drop = None if seed is None else partial(
             _pair_dropout, q_pos=q_pos.unsqueeze(-1), k_pos=k_pos, t=t, seed=seed, p=dropout_p
         )
         out, lse = _gathered_attention(
-            q_r, _gather_positions(k, k_pos), _gather_positions(v, k_pos), allowed, scale, dropout_p,
-            is_self=k_pos == q_pos.unsqueeze(-1), dropout=drop,
+            q.unsqueeze(2).expand(b, h, n_hashes, t_q, d), _gather_positions(k, k_pos), _gather_positions(v, k_pos),
+            allowed, scale, dropout_p, is_self=k_pos == q_pos.unsqueeze(-1), dropout=drop,
         )  # (B, H, R, Tq, D), (B, H, R, Tq)
     else:
         c = window
         n = -(-t // c)
+        sorted_bkt = buckets.gather(-1, perm)  # (B, H, R, T)
+        new_run = F.pad(sorted_bkt[..., 1:] != sorted_bkt[..., :-1], (1, 0), value=True)
+        run_start = torch.where(new_run, pos, 0).cummax(-1).values  # first sorted slot of each slot's bucket
+        never = (n + 1) * c  # above every key slot: pad tokens (and slots past the end) attend to nothing
+        run_start = F.pad(run_start.masked_fill(sorted_bkt == n_buckets, never), (0, n * c - t), value=never)
 
-        def sort_pad(x: Tensor, value: float) -> Tensor:  # sorted order, one empty block in front, whole blocks
-            return F.pad(x, (0, 0, c, n * c - t) if x.dim() == 5 else (c, n * c - t), value=value)
+        def sort_pad(x: Tensor) -> Tensor:  # sorted order, one empty block in front, whole blocks
+            return F.pad(_gather_positions(x, perm), (0, 0, c, n * c - t))
 
-        q_s, k_s, v_s = (sort_pad(_gather_positions(x, perm), 0.0) for x in (q, k, v))  # (B, H, R, (n+1)C, D)
-        pos_s = sort_pad(perm, -1)  # (B, H, R, (n+1)C)
-        bkt_s = sort_pad(buckets.gather(-1, perm), -1)
+        q_s, k_s, v_s = sort_pad(q), sort_pad(k), sort_pad(v)  # (B, H, R, (n+1)C, D)
+        pos_s = F.pad(perm, (c, n * c - t), value=-1)  # (B, H, R, (n+1)C)
         per_block = b * h * n_hashes * 2 * c * c * (4 if seed is not None else 1)  # the dropout hash is int64
         group = max(1, LSH_GROUP_SCORES // per_block)
         checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        fn = partial(_lsh_blocks, buckets=buckets, slots=slots, n_buckets=n_buckets, window=c, scale=scale,
-                     dropout_p=dropout_p, dropout_seed=seed)  # fmt: skip
         outs, lses = [], []
         for g0 in range(0, n, group):
             g1 = min(n, g0 + group)
             keys = slice(g0 * c, (g1 + 1) * c)
+            fn = partial(_lsh_blocks, first_block=g0, codes=codes, window=c, scale=scale, dropout_p=dropout_p,
+                         dropout_seed=seed)  # fmt: skip
             args = (q_s[..., (g0 + 1) * c : (g1 + 1) * c, :], k_s[..., keys, :], v_s[..., keys, :], pos_s[..., keys],
-                    bkt_s[..., keys])  # fmt: skip
+                    run_start[..., g0 * c : g1 * c])  # fmt: skip
             out_g, lse_g = checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args)
             outs.append(out_g)
             lses.append(lse_g)
