@@ -759,12 +759,23 @@ def suite_memory(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any]
 
 
 def suite_quality(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
-    """Same data, same tokens: revformer reversible, plain, and a Llama with the same parameter count."""
-    for model in ("revformer", "revformer_plain", "llama"):
-        spec = base_spec(args, sizes, model)
+    """Same data, same tokens: revformer with `local`, `lsh` and alternating `local`/`lsh` layers (records tagged
+    `attention_variant`; same parameters as `full`), then revformer reversible (`full`), plain, and a Llama with the
+    same parameter count. Only the models in `--models` run; the attention variants need `revformer`."""
+
+    def train(spec: Spec, **tags: Any) -> None:
         payload = {"mode": "train", "spec": dataclasses.asdict(spec), "steps": sizes["steps"], "lr": sizes["lr"],
                    "eval_every": sizes["eval_every"], "val_blocks": sizes["val_blocks"], "data": args.data}
-        runner.launch(payload, "quality", False)
+        runner.launch(payload, "quality", False, **tags)
+
+    if "revformer" in args.models:
+        layers = base_spec(args, sizes).num_layers
+        mixed = ["local", "lsh"] * (layers // 2) + ["local"] * (layers % 2)  # a list of kinds: one per layer
+        for variant, attention in (("local", "local"), ("lsh", "lsh"), ("local/lsh", mixed)):
+            train(base_spec(args, sizes, "revformer", attention=attention), attention_variant=variant)
+    for model in ("revformer", "revformer_plain", "llama"):
+        if model in args.models:
+            train(base_spec(args, sizes, model), attention_variant="full")
 
 
 SUITE_FUNCTIONS = {"depth": suite_depth, "core": suite_core, "length": suite_length, "longseq": suite_longseq,
