@@ -1,7 +1,11 @@
-"""The training loop: one straight `train()` over Accelerate, from one CPU process to many GPUs (DDP or FSDP2).
+"""The training loop over Accelerate, from one CPU process to many GPUs (DDP or FSDP2).
 
-Distribution, mixed precision, gradient accumulation, tracking and checkpoints live here; the model is
-single-device code. A run is resumable exactly: model, optimizer, scheduler, RNG and data position.
+`train()` is `setup()` (everything before the first step), one straight loop of `train_step()` with explicit
+periodic blocks (log, evaluate, checkpoint), and `finish()` (final evaluation of the whole validation split, the
+model folder, the Hub). Distribution, mixed precision, gradient accumulation, tracking and checkpoints live here;
+the model is single-device code. A run is resumable exactly: model, optimizer, scheduler, RNG and data position
+(in any epoch, streamed or not). A non-finite loss or gradient stops the run before the update is applied, and
+only finite states are ever checkpointed.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import (
@@ -29,10 +36,10 @@ from accelerate.utils import (
     set_seed,
 )
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from .config import ConfigError, RunConfig, save_run_config
-from .data import bits_per_byte, build_dataloader, check_block_size, prepare_datasets
+from .data import DataError, bits_per_byte, build_dataloader, check_block_size, prepare_datasets
 from .modeling_revformer import RevformerForCausalLM
 from .tokenizer import get_tokenizer, load_tokenizer
 
@@ -42,7 +49,15 @@ STATE_FILE = "trainer_state.json"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the last good state was checkpointed."""
+    """Training diverged (NaN/inf loss, gradients or parameters); the message names the last finite checkpoint."""
+
+
+class NonFiniteError(Exception):
+    """Raised inside the loop where a non-finite value is found; `train` turns it into NonFiniteLossError."""
+
+    def __init__(self, what: str, step: int) -> None:
+        super().__init__(f"non-finite {what} at step {step}")
+        self.what, self.step = what, step
 
 
 # ----------------------------------------------------------------------------- setup
@@ -142,29 +157,56 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
 # ----------------------------------------------------------------------------- data position
 
 
-def train_batches(
-    train_blocks: Any, run: RunConfig, accelerator: Accelerator, consumed: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Global micro-batches forever, epoch after epoch, starting after `consumed` batches.
+class TrainBatches:
+    """Global micro-batches forever, epoch after epoch, from a position (epoch, batches already read in it).
 
     The order of each epoch is a pure function of (seed, epoch), so a resumed run sees exactly the batches an
-    uninterrupted run would have seen next.
+    uninterrupted run would have seen next. A streamed dataset's epoch length is unknown until it ends, so the
+    position is what checkpoints record: resuming works in any epoch, and a resume that lands exactly at the end
+    of an epoch starts the next one.
     """
-    batch_size = run.train.batch_size
-    if hasattr(train_blocks, "__len__"):
-        per_epoch = len(train_blocks) // batch_size
-        if per_epoch == 0:
+
+    def __init__(self, blocks: Any, run: RunConfig, accelerator: Accelerator, epoch: int = 0, index: int = 0) -> None:
+        self.blocks, self.run, self.accelerator = blocks, run, accelerator
+        self.epoch, self.index = epoch, index
+        if hasattr(blocks, "__len__") and len(blocks) // run.train.batch_size == 0:
             raise ConfigError(
-                f"The training split has {len(train_blocks)} blocks, fewer than one batch of {batch_size}; "
+                f"The training split has {len(blocks)} blocks, fewer than one batch of {run.train.batch_size}; "
                 "lower train.batch_size or data.block_size, or use more data."
             )
-        epoch, skip = divmod(consumed, per_epoch)
-    else:  # streaming: the epoch length is unknown; assume the stream is longer than the run
-        epoch, skip = 0, consumed
-    while True:
-        loader = build_dataloader(train_blocks, batch_size, seed=run.train.seed, epoch=epoch, skip_batches=skip)
-        yield from accelerator.prepare_data_loader(loader, device_placement=True)
-        epoch, skip = epoch + 1, 0
+        self._batches = self._generate()
+
+    def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
+        batch_size = self.run.train.batch_size
+        while True:
+            if hasattr(self.blocks, "__len__") and self.index >= len(self.blocks) // batch_size:
+                self.epoch, self.index = self.epoch + 1, 0
+            loader = build_dataloader(self.blocks, batch_size, seed=self.run.train.seed, epoch=self.epoch,
+                                      skip_batches=self.index)
+            produced = False
+            for batch in self.accelerator.prepare_data_loader(loader, device_placement=True):
+                produced = True
+                self.index += 1
+                yield batch
+            if not produced and self.index == 0:
+                raise DataError("The training split produced no batch of train.batch_size blocks; use more data.")
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return next(self._batches)
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.index}
+
+
+def sample_blocks(blocks: Any, count: int, seed: int = 0) -> Any:
+    """A fixed random sample of `count` blocks (the first `count` of a stream), in their original order."""
+    if not hasattr(blocks, "__len__"):
+        return blocks.take(count)
+    if count >= len(blocks):
+        return blocks
+    chosen = np.random.default_rng(seed).choice(len(blocks), size=count, replace=False)
+    return blocks.select(np.sort(chosen))
 
 
 def sequence_nats(model: torch.nn.Module, ids: torch.Tensor, chunked_loss: bool) -> torch.Tensor:
@@ -178,27 +220,32 @@ def sequence_nats(model: torch.nn.Module, ids: torch.Tensor, chunked_loss: bool)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val_blocks: Any, run: RunConfig, accelerator: Accelerator) -> dict[str, float]:
-    """Validation loss (nats/token), perplexity and bits per byte, summed over all processes' shards."""
+def evaluate(
+    model: torch.nn.Module, blocks: Any, accelerator: Accelerator, batch_size: int, prefix: str = "eval/"
+) -> dict[str, float]:
+    """Loss (nats/token), perplexity and, when blocks carry `num_bytes`, bits per byte over every block in
+    `blocks`, summed over all processes' shards. `scripts/evaluate.py` calls exactly this."""
     model.eval()
     loader = accelerator.prepare_data_loader(
-        build_dataloader(val_blocks, run.train.batch_size, seed=0, shuffle=False, drop_last=False)
+        build_dataloader(blocks, batch_size, seed=0, shuffle=False, drop_last=False)
     )
     chunked_loss = accelerator.unwrap_model(model).config.loss_chunk_size > 0
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nats, tokens, bytes
-    for i, batch in enumerate(loader):
-        if run.train.eval_batches is not None and i >= run.train.eval_batches:
-            break
+    for batch in loader:
         ids = batch["input_ids"]
         with accelerator.autocast():
             nats = sequence_nats(model, ids, chunked_loss)  # (B,)
         predicted = torch.full_like(nats, ids.shape[1] - 1)
-        stats = torch.stack([nats, predicted, batch["num_bytes"].to(torch.float64)], dim=1)  # (B, 3)
+        nbytes = batch["num_bytes"].to(torch.float64) if "num_bytes" in batch else torch.zeros_like(nats)
+        stats = torch.stack([nats, predicted, nbytes], dim=1)  # (B, 3)
         totals += accelerator.gather_for_metrics(stats).sum(0)  # drops the duplicates padding the last batch
     model.train()
     nats, tokens, nbytes = totals.tolist()
     loss = nats / max(tokens, 1)
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50)), "eval/bpb": bits_per_byte(nats, int(nbytes))}
+    metrics = {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50))}
+    if nbytes > 0:
+        metrics[f"{prefix}bpb"] = bits_per_byte(nats, int(nbytes))
+    return metrics
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -211,17 +258,50 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def resolve_checkpoint(run: RunConfig) -> Path | None:
+def resume_candidates(run: RunConfig) -> list[Path]:
+    """Checkpoints to try, newest first: the one asked for, then the complete ones before it."""
     spec = run.train.resume_from_checkpoint
     if spec is None:
-        return None
+        return []
+    found = checkpoint_dirs(Path(run.train.output_dir))
     if spec == "latest":
-        found = checkpoint_dirs(Path(run.train.output_dir))
-        return found[-1] if found else None  # nothing yet: start fresh, so the same command starts and resumes
+        return found[::-1]  # nothing yet: start fresh, so the same command starts and resumes
     path = Path(spec)
     if not (path / STATE_FILE).exists():
         raise ConfigError(f"resume_from_checkpoint={spec} is not a complete checkpoint (no {STATE_FILE} inside).")
-    return path
+    earlier = [p for p in checkpoint_dirs(path.parent) if int(p.name.split("_")[1]) < int(path.name.split("_")[1])]
+    return [path, *earlier[::-1]]
+
+
+def load_checkpoint(accelerator: Accelerator, candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """`accelerator.load_state` of the newest candidate that loads whole; a damaged one (a truncated file after a
+    crash or a full disk) is named in a warning and the previous complete checkpoint is used instead."""
+    for i, path in enumerate(candidates):
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+            accelerator.load_state(str(path))
+        except Exception as err:  # safetensors, pickle and json each fail in their own way on a damaged file
+            fallback = f"resuming from {candidates[i + 1]} instead" if i + 1 < len(candidates) else "no earlier one"
+            accelerator.print(f"warning: checkpoint {path} is damaged and cannot be loaded "
+                              f"({type(err).__name__}: {str(err)[:200]}); {fallback}.", file=sys.stderr)
+            continue
+        return path, state
+    if candidates:
+        raise ConfigError(f"No checkpoint in {candidates[0].parent} could be loaded; start a fresh run "
+                          "(without train.resume_from_checkpoint) or point it at a complete checkpoint.")
+    return None
+
+
+def set_peak_learning_rate(optimizer: Any, scheduler: Any, peak: float) -> float | None:
+    """Make a resumed run follow this run's `learning_rate` (a checkpoint stores the old one in its scheduler):
+    the advice after a divergence is to resume with a lower one. Returns the old peak if it changed."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the LambdaLR
+    old = inner.base_lrs[0]
+    inner.base_lrs = [peak for _ in inner.base_lrs]
+    for group, lr in zip(optimizer.param_groups, inner.get_lr()):
+        group["initial_lr"], group["lr"] = peak, lr
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return old if not math.isclose(old, peak, rel_tol=1e-12) else None
 
 
 def save_checkpoint(accelerator: Accelerator, run: RunConfig, step: int, state: dict[str, Any]) -> Path:
@@ -258,7 +338,14 @@ def save_model_folder(
         if unwrapped.config.tie_word_embeddings:  # a gathered state dict lists tied weights twice; save them once
             for tied in unwrapped._tied_weights_keys:
                 state_dict.pop(tied, None)
-        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        saver = unwrapped
+        if type(unwrapped) is not RevformerForCausalLM and isinstance(unwrapped, RevformerForCausalLM):
+            # FSDP2 swaps the class for a generated FSDPRevformerForCausalLM; save_pretrained would then copy FSDP's
+            # modules as the model code and point auto_map at that class. An empty twin of the real class (no
+            # memory: meta tensors) saves the gathered weights with revformer's own code and auto_map.
+            with torch.device("meta"):
+                saver = RevformerForCausalLM(unwrapped.config)
+        saver.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         save_run_config(run, folder / "train_config.yaml")
         (folder / "README.md").write_text(model_card(run, unwrapped, metrics))
@@ -316,6 +403,34 @@ def model_card(run: RunConfig, model: torch.nn.Module, metrics: dict[str, float]
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- the Hub
+
+HUB_RETRY_DELAYS = (10.0, 60.0, 300.0)  # seconds before each retry of a failed upload
+
+
+def check_hub_access(run: RunConfig) -> None:
+    """With `push_to_hub`, fail before training (not after hours) when not logged in or the repo is not writable."""
+    if not run.train.push_to_hub:
+        return
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        user = api.whoami()
+    except Exception as err:  # no token, a revoked token or no network
+        raise ConfigError(
+            f"train.push_to_hub is true but the Hub login check failed ({type(err).__name__}: {err}); run "
+            "`huggingface-cli login` (or set HF_TOKEN), or set train.push_to_hub false."
+        ) from None
+    try:
+        api.create_repo(run.train.hub_model_id, private=run.train.hub_private, exist_ok=True)
+    except Exception as err:
+        raise ConfigError(
+            f"Cannot create or write to the Hub repository {run.train.hub_model_id!r} as {user.get('name')!r} "
+            f"({type(err).__name__}: {err}); check train.hub_model_id and that the token has write access."
+        ) from None
+
+
 def push_folder(folder: Path, run: RunConfig, message: str) -> None:
     """Upload a saved model folder to `train.hub_model_id` (created if needed)."""
     from huggingface_hub import HfApi
@@ -323,6 +438,37 @@ def push_folder(folder: Path, run: RunConfig, message: str) -> None:
     api = HfApi()
     api.create_repo(run.train.hub_model_id, private=run.train.hub_private, exist_ok=True)
     api.upload_folder(repo_id=run.train.hub_model_id, folder_path=str(folder), commit_message=message)
+
+
+def push_with_retries(folder: Path, run: RunConfig, message: str) -> Exception | None:
+    """`push_folder`, retried after each of HUB_RETRY_DELAYS; returns the last error, or None once it succeeded."""
+    error = None
+    for delay in (0.0, *HUB_RETRY_DELAYS):
+        time.sleep(delay)
+        if not folder.exists():  # a newer checkpoint replaced it; that one is (being) pushed instead
+            return None
+        try:
+            push_folder(folder, run, message)
+            return None
+        except Exception as err:  # network and server errors come in many types; none may end the run
+            error = err
+            print(f"warning: push of {folder} to {run.train.hub_model_id} failed ({type(err).__name__}: {err})",
+                  file=sys.stderr)
+    return error
+
+
+class BackgroundPushes:
+    """Checkpoint uploads on one background thread, retried, never stopping training (main process only)."""
+
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+
+    def submit(self, folder: Path, message: str) -> None:
+        self.pool.submit(push_with_retries, folder, self.run, message)
+
+    def finish(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -348,18 +494,43 @@ class StopRequest:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(run: RunConfig) -> Path:
-    """Train (or fine-tune) as `run` says; returns the folder of the final `save_pretrained` model."""
-    output_dir = Path(run.train.output_dir)
-    log_with = configure_tracking(run)
+@dataclass
+class Session:
+    """What `setup` builds for the loop: the prepared model, its optimizer and data, and where it stands."""
+
+    run: RunConfig
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    batches: TrainBatches
+    train_blocks: Any
+    val_blocks: Any
+    step: int
+    stop: StopRequest
+    pushes: BackgroundPushes | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_checkpoint_step: int = -1
+    last_batch: dict[str, torch.Tensor] | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.train.output_dir)
+
+
+def make_accelerator(run: RunConfig, log_with: str | None) -> Accelerator:
+    """The Accelerator of a run, FSDP2 on CPU processes included; checks the batch splits between processes."""
     accelerator = Accelerator(
         mixed_precision=run.train.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=run.train.gradient_accumulation_steps, sync_with_dataloader=False
         ),
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # Each process iterates its own copy of the loader (no dispatch from rank 0): an empty stream then simply
+        # ends an epoch instead of failing, which resuming a streamed dataset at an epoch's end relies on.
+        dataloader_config=DataLoaderConfiguration(split_batches=True, dispatch_batches=False),
         log_with=log_with,
-        project_dir=str(output_dir),
+        project_dir=run.train.output_dir,
         # Without this, accelerate on a CUDA-less machine runs each launched process as a world of one.
         cpu=launched_on_cpu_processes(),
     )
@@ -370,8 +541,22 @@ def train(run: RunConfig) -> Path:
             f"train.batch_size={run.train.batch_size} must be divisible by the {accelerator.num_processes} processes "
             "(it is the global batch, split between them)."
         )
+    return accelerator
+
+
+def setup(run: RunConfig) -> Session:
+    """Everything before the first step: checks that need no data, tokenizer, data, model, resume, trackers."""
+    if run.train.init_from:  # the saved config plus this run's overrides, checked before any tokenizing
+        try:
+            AutoConfig.from_pretrained(run.train.init_from, **run.model)
+        except Exception as err:
+            raise ConfigError(f"train.init_from={run.train.init_from}: cannot use its config with the model "
+                              f"section {run.model}: {err}") from err
+    check_hub_access(run)
+    log_with = configure_tracking(run)
+    accelerator = make_accelerator(run, log_with)
     set_seed(run.train.seed)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    Path(run.train.output_dir).mkdir(parents=True, exist_ok=True)
     accelerator.print(
         f"revformer: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
@@ -389,115 +574,217 @@ def train(run: RunConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    step = 0
-    checkpoint = resolve_checkpoint(run)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
-        accelerator.print(f"Resumed from {checkpoint} at step {step}.")
+    step, position, last_checkpoint_step = 0, {}, -1
+    loaded = load_checkpoint(accelerator, resume_candidates(run))
+    if loaded is not None:
+        checkpoint, state = loaded
+        step, last_checkpoint_step = state["step"], state["step"]
+        accum = run.train.gradient_accumulation_steps
+        if "epoch" in state:
+            position = {"epoch": state["epoch"], "index": state["batch_in_epoch"]}
+        elif hasattr(train_blocks, "__len__"):  # checkpoints written before positions were recorded
+            epoch, index = divmod(step * accum, len(train_blocks) // run.train.batch_size)
+            position = {"epoch": epoch, "index": index}
+        old_lr = set_peak_learning_rate(optimizer, scheduler, run.train.learning_rate)
+        accelerator.print(f"Resumed from {checkpoint} at step {step}."
+                          + (f" Peak learning rate {old_lr:g} -> {run.train.learning_rate:g}." if old_lr else ""))
     if log_with:
         accelerator.init_trackers(
             run.train.project_name,
             config=run.to_dict() | {"model_resolved": accelerator.unwrap_model(model).config.to_dict()},
-            init_kwargs={"wandb": {"name": run.train.run_name, "dir": str(output_dir)}},
+            init_kwargs={"wandb": {"name": run.train.run_name, "dir": run.train.output_dir}},
         )
     stop = StopRequest()  # installed before train_config.yaml appears: from then on a SIGTERM loses nothing
     if accelerator.is_main_process:
-        save_run_config(run, output_dir / "train_config.yaml")
+        save_run_config(run, Path(run.train.output_dir) / "train_config.yaml")
+    pushes = (BackgroundPushes(run) if run.train.push_to_hub and run.train.save_pretrained_with_checkpoints
+              and accelerator.is_main_process else None)
+    return Session(run, accelerator, tokenizer, model, optimizer, scheduler,
+                   TrainBatches(train_blocks, run, accelerator, **position), train_blocks, val_blocks,
+                   step, stop, pushes, last_checkpoint_step=last_checkpoint_step)
 
+
+def train_step(s: Session) -> tuple[torch.Tensor, float]:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns (mean loss, grad norm).
+
+    A non-finite loss or gradient raises `NonFiniteError` before the update is applied, so the model and
+    optimizer keep the last finite state.
+    """
+    accelerator, run = s.accelerator, s.run
     accum = run.train.gradient_accumulation_steps
-    tokens_per_step = run.train.batch_size * accum * run.data.block_size
-    batches = train_batches(train_blocks, run, accelerator, consumed=step * accum)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    grad_norm = float("nan")
+    for _ in range(accum):
+        batch = next(s.batches)
+        with accelerator.accumulate(s.model):
+            loss = s.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            if not math.isfinite(accelerator.reduce(loss.detach(), "sum").item()):
+                raise NonFiniteError(f"loss {loss.item()}", s.step + 1)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                # inf: measure without clipping. The norm is global, so every process takes the same decision.
+                grad_norm = float(accelerator.clip_grad_norm_(s.model.parameters(), run.train.max_grad_norm or math.inf))
+                if not math.isfinite(grad_norm):
+                    s.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteError(f"gradient norm {grad_norm}", s.step + 1)
+            s.optimizer.step()
+            s.scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+    s.last_batch = batch
+    return loss_sum / accum, grad_norm
+
+
+def parameters_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter this process holds (its shards under FSDP) is finite."""
+    return all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters())
+
+
+def checkpoint(s: Session) -> Path:
+    """Checkpoint the current state (never a non-finite one), optionally with a model folder pushed in the background."""
+    accelerator = s.accelerator
+    local_bad = torch.tensor(float(not parameters_finite(s.model)), device=accelerator.device)
+    if accelerator.reduce(local_bad, "sum").item() > 0:
+        raise NonFiniteError("parameters", s.step)
+    state = {"tokens_seen": s.step * tokens_per_step(s.run), **s.batches.position()}
+    path = save_checkpoint(accelerator, s.run, s.step, state)
+    s.last_checkpoint_step = s.step
+    if s.run.train.save_pretrained_with_checkpoints:
+        save_model_folder(accelerator, s.model, s.tokenizer, s.run, path / FINAL_DIR, s.metrics)
+        if s.pushes is not None:
+            s.pushes.submit(path / FINAL_DIR, f"checkpoint at step {s.step}")
+    return path
+
+
+def tokens_per_step(run: RunConfig) -> int:
+    return run.train.batch_size * run.train.gradient_accumulation_steps * run.data.block_size
+
+
+def evaluate_during_training(s: Session) -> dict[str, float]:
+    """A mid-run evaluation: the whole validation split, or a fixed random sample of `eval_batches` batches."""
+    cap = s.run.train.eval_batches
+    blocks = s.val_blocks
+    if cap is not None:
+        blocks = sample_blocks(s.val_blocks, cap * s.run.train.batch_size, seed=s.run.train.seed)
+    return evaluate(s.model, blocks, s.accelerator, s.run.train.batch_size)
+
+
+def final_evaluation(s: Session) -> dict[str, float]:
+    """The whole validation split (what scripts/evaluate.py reports for the saved model), and the same loss on an
+    equal number of training blocks, computed the same way (eval mode, same code), to compare them fairly."""
+    metrics = evaluate(s.model, s.val_blocks, s.accelerator, s.run.train.batch_size)
+    count = len(s.val_blocks) if hasattr(s.val_blocks, "__len__") else 512
+    train_sample = sample_blocks(s.train_blocks, count, seed=s.run.train.seed)
+    train_metrics = evaluate(s.model, train_sample, s.accelerator, s.run.train.batch_size, prefix="eval/train_")
+    return metrics | {"eval/train_loss": train_metrics["eval/train_loss"]}
+
+
+def log_window(s: Session, window: dict[str, Any], grad_norm: float, progress: tqdm) -> None:
+    """Log the mean loss over the steps since the last log (the bar shows the same mean, not one batch's)."""
+    accelerator, run = s.accelerator, s.run
+    elapsed = time.perf_counter() - window["start"]
+    logs = {
+        "train/loss": accelerator.reduce(window["loss"] / window["steps"], "mean").item(),
+        "train/lr": s.scheduler.get_last_lr()[0],
+        "train/tokens_per_s": window["steps"] * tokens_per_step(run) / max(elapsed, 1e-9),
+        "train/peak_memory_gib": peak_memory_gib(accelerator.device),
+        "train/tokens_seen": s.step * tokens_per_step(run),
+        "train/grad_norm": grad_norm,
+    }
+    progress.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}",
+                         tok_s=f"{logs['train/tokens_per_s']:.0f}")
+    accelerator.log(logs, step=s.step)
+
+
+def train(run: RunConfig) -> Path:
+    """Train (or fine-tune) as `run` says; returns the folder of the final `save_pretrained` model."""
+    s = setup(run)
+    accelerator = s.accelerator
     stop_at = min(run.train.max_steps, run.train.stop_after_steps or run.train.max_steps)
-    metrics: dict[str, float] = {}
     # Outside a forward pass FSDP holds only parameter shards, which the standalone inverse cannot run on.
     check_reconstruction = run.train.reconstruction_check_every > 0 and accelerator.distributed_type != DistributedType.FSDP
-    progress = tqdm(total=run.train.max_steps, initial=step, disable=not accelerator.is_local_main_process,
+    if run.train.eval_batches is not None:
+        accelerator.print(f"Mid-run evaluations score a fixed random sample of {run.train.eval_batches} batches of "
+                          "the validation split (train.eval_batches); the final one scores all of it.")
+    progress = tqdm(total=run.train.max_steps, initial=s.step, disable=not accelerator.is_local_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
-    model.train()
-    window_start, window_steps = time.perf_counter(), 0
-    last_checkpoint_step = step if checkpoint is not None else -1
+    s.model.train()
+    window = {"start": time.perf_counter(), "steps": 0, "loss": torch.zeros((), device=accelerator.device)}
+    try:
+        while s.step < stop_at:
+            loss, grad_norm = train_step(s)
+            s.step += 1
+            window["steps"] += 1
+            window["loss"] += loss
+            progress.update(1)
 
-    def checkpoint_now() -> Path:
-        nonlocal last_checkpoint_step
-        path = save_checkpoint(accelerator, run, step, {"tokens_seen": step * tokens_per_step})
-        last_checkpoint_step = step
-        if run.train.save_pretrained_with_checkpoints:
-            save_model_folder(accelerator, model, tokenizer, run, path / FINAL_DIR, metrics)
-        return path
-
-    while step < stop_at:
-        # ---- one optimizer step: `accum` micro-batches through accelerator.accumulate ----
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for _ in range(accum):
-            batch = next(batches)
-            with accelerator.accumulate(model):
-                loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-                if not bool(torch.isfinite(accelerator.reduce(loss.detach(), "sum"))):
-                    path = checkpoint_now() if last_checkpoint_step != step else checkpoint_dirs(output_dir)[-1]
-                    accelerator.end_training()
-                    raise NonFiniteLossError(
-                        f"Non-finite loss ({loss.item()}) at step {step + 1}; training stopped and the last good state "
-                        f"(step {step}) is checkpointed at {path}. Lower train.learning_rate, set train.max_grad_norm, "
-                        "or use bf16 instead of fp16; resume with --train.resume_from_checkpoint latest."
-                    )
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and run.train.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        step += 1
-        window_steps += 1
-        progress.update(1)
-
-        # ---- periodic work ----
-        if step % run.train.log_every == 0 or step == stop_at:
-            elapsed = time.perf_counter() - window_start
-            logs = {
-                "train/loss": accelerator.reduce(loss_sum / accum, "mean").item(),
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
-                "train/peak_memory_gib": peak_memory_gib(accelerator.device),
-                "train/tokens_seen": step * tokens_per_step,
-            }
-            if grad_norm is not None:
-                logs["train/grad_norm"] = float(grad_norm)
-            progress.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}",
-                                 tok_s=f"{logs['train/tokens_per_s']:.0f}")
-            accelerator.log(logs, step=step)
-            window_start, window_steps = time.perf_counter(), 0
-        if check_reconstruction and step % run.train.reconstruction_check_every == 0:
-            # How exactly backward rebuilds the first layer's input (0.0 with fixed-point streams).
-            with torch.no_grad(), accelerator.autocast():
-                error = accelerator.unwrap_model(model).model.reconstruction_error(batch["input_ids"][:1])
-            accelerator.log({"train/reconstruction_error": error}, step=step)
-        if step % run.train.eval_every == 0 and step < run.train.max_steps:
-            metrics = evaluate(model, val_blocks, run, accelerator)
-            accelerator.log(metrics, step=step)
-            progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        stop_now = bool(accelerator.reduce(torch.tensor(float(stop.requested), device=accelerator.device), "sum"))
-        if step % run.train.checkpoint_every == 0 or stop_now or (step == stop_at < run.train.max_steps):
-            path = checkpoint_now()
-            if run.train.push_to_hub and run.train.save_pretrained_with_checkpoints and accelerator.is_main_process:
-                push_folder(path / FINAL_DIR, run, f"checkpoint at step {step}")
-        if stop_now:
-            accelerator.print(f"Stopped on request at step {step}; resume with --train.resume_from_checkpoint latest.")
-            break
+            if s.step % run.train.log_every == 0 or s.step == stop_at:
+                log_window(s, window, grad_norm, progress)
+                window = {"start": time.perf_counter(), "steps": 0, "loss": torch.zeros_like(window["loss"])}
+            if check_reconstruction and s.step % run.train.reconstruction_check_every == 0:
+                # How exactly backward rebuilds the first layer's input (0.0 with fixed-point streams).
+                with torch.no_grad(), accelerator.autocast():
+                    error = accelerator.unwrap_model(s.model).model.reconstruction_error(s.last_batch["input_ids"][:1])
+                accelerator.log({"train/reconstruction_error": error}, step=s.step)
+            if s.step % run.train.eval_every == 0 and s.step < run.train.max_steps:
+                s.metrics = evaluate_during_training(s)
+                accelerator.log(s.metrics, step=s.step)
+                progress.write(f"step {s.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in s.metrics.items()))
+            stop_now = bool(accelerator.reduce(torch.tensor(float(s.stop.requested), device=accelerator.device), "sum"))
+            if s.step % run.train.checkpoint_every == 0 or stop_now or (s.step == stop_at < run.train.max_steps):
+                checkpoint(s)
+            if stop_now:
+                accelerator.print(f"Stopped on request at step {s.step}; resume with "
+                                  "--train.resume_from_checkpoint latest.")
+                break
+    except NonFiniteError as err:
+        progress.close()
+        if s.pushes is not None:
+            s.pushes.finish()
+        accelerator.end_training()
+        raise NonFiniteLossError(non_finite_message(err, s)) from None
     progress.close()
+    return finish(s)
 
-    final = output_dir / FINAL_DIR
-    if step >= run.train.max_steps:
-        metrics = evaluate(model, val_blocks, run, accelerator)
-        accelerator.log(metrics, step=step)
-        accelerator.print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        save_model_folder(accelerator, model, tokenizer, run, final, metrics)
+
+def non_finite_message(err: NonFiniteError, s: Session) -> str:
+    """What diverged, what was kept, and the command that goes on from the last finite checkpoint."""
+    found = checkpoint_dirs(s.output_dir)
+    head = (f"Non-finite {err.what} at step {err.step}; training stopped before applying that update, and no "
+            "checkpoint was written from it.")
+    lower = f"{s.run.train.learning_rate / 4:g}"
+    if found:
+        return (f"{head} The last finite checkpoint is {found[-1]} (step {int(found[-1].name.split('_')[1])}). "
+                f"Go on from it with a lower learning rate: --train.resume_from_checkpoint {found[-1]} "
+                f"--train.learning_rate {lower} (or set train.max_grad_norm, or use bf16 instead of fp16).")
+    return (f"{head} No checkpoint exists yet; start again with a lower learning rate (--train.learning_rate "
+            f"{lower}), train.max_grad_norm set, or bf16 instead of fp16.")
+
+
+def finish(s: Session) -> Path:
+    """Final evaluation of the whole validation split, the model folder, and the final Hub push."""
+    accelerator, run = s.accelerator, s.run
+    final = s.output_dir / FINAL_DIR
+    if s.pushes is not None:
+        s.pushes.finish()
+    if s.step >= run.train.max_steps:
+        local_bad = torch.tensor(float(not parameters_finite(s.model)), device=accelerator.device)
+        if accelerator.reduce(local_bad, "sum").item() > 0:
+            accelerator.end_training()
+            raise NonFiniteLossError(non_finite_message(NonFiniteError("parameters", s.step), s))
+        s.metrics = final_evaluation(s)
+        accelerator.log(s.metrics, step=s.step)
+        accelerator.print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in s.metrics.items()))
+        save_model_folder(accelerator, s.model, s.tokenizer, run, final, s.metrics)
         if accelerator.is_main_process:
-            (final / "eval_results.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+            (final / "eval_results.json").write_text(json.dumps({"step": s.step, **s.metrics}, indent=2))
             if run.train.push_to_hub:
-                push_folder(final, run, f"revformer: {step} steps, bpb {metrics['eval/bpb']:.4f}")
+                error = push_with_retries(final, run, f"revformer: {s.step} steps, bpb {s.metrics['eval/bpb']:.4f}")
+                if error is not None:
+                    print(f"warning: the final push to {run.train.hub_model_id} failed ({type(error).__name__}: "
+                          f"{error}). The model folder {final} is complete; push it later with\n"
+                          f"  huggingface-cli upload {run.train.hub_model_id} {final} . --repo-type model",
+                          file=sys.stderr)
     accelerator.end_training()
     return final
 
@@ -506,11 +793,13 @@ def main(argv: list[str] | None = None, require_init_from: bool = False) -> Path
     """Entry point shared by the scripts: `--config FILE` plus `--section.key value` overrides."""
     import argparse
 
-    from .config import load_run_config
-    from .data import DataError
+    from .config import config_help, load_run_config
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, epilog="Any other option is an override: --section.key value")
-    parser.add_argument("--config", help="run YAML (see configs/)")
+    what = ("Fine-tune a saved revformer model. --train.init_from PATH_OR_HUB_ID (a save_pretrained folder) is "
+            "required." if require_init_from else "Pretrain a reversible Transformer LM.")
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=what, epilog=config_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="run YAML (see configs/); any other option is an override --section.key value")
     args, overrides = parser.parse_known_args(argv)
     try:
         run = load_run_config(args.config, overrides)

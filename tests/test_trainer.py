@@ -1,8 +1,10 @@
-"""The training scripts, launched for real in subprocesses, judged by what they write."""
+"""The training scripts, launched for real in subprocesses (marked slow), judged by what they write; and the
+run configuration, checked in-process."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import torch
 from conftest import ROOT, env, launch, make_workdir, weights
 from revformer.config import ConfigError, load_run_config
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,7 @@ def uninterrupted(workdir) -> Path:
     return out
 
 
+@slow
 def test_pretraining_lowers_validation_loss_and_logs_to_wandb(uninterrupted):
     results = json.loads((uninterrupted / "model" / "eval_results.json").read_text())
     assert results["step"] == 16
@@ -48,6 +51,7 @@ def test_pretraining_lowers_validation_loss_and_logs_to_wandb(uninterrupted):
     assert card.startswith("---\nlibrary_name: transformers") and "validation bpb" in card
 
 
+@slow
 def test_stop_and_resume_equals_uninterrupted(workdir, uninterrupted):
     out = workdir / "resumed"
     common = ["--config", "tiny.yaml", "--train.output_dir", str(out)]
@@ -61,6 +65,7 @@ def test_stop_and_resume_equals_uninterrupted(workdir, uninterrupted):
         assert torch.equal(resumed[name], full[name]), name
 
 
+@slow
 def test_saved_folder_loads_with_remote_code_and_generates(uninterrupted, workdir):
     script = textwrap.dedent(
         f"""
@@ -83,10 +88,18 @@ def test_saved_folder_loads_with_remote_code_and_generates(uninterrupted, workdi
     assert sample.stdout.startswith("def ")
 
 
+@slow
 def test_finetune_from_saved_folder(workdir, uninterrupted):
+    # The README's example: a small folder of the user's texts, 5% held out (too few files to hold out whole).
+    texts = workdir / "my_texts"
+    texts.mkdir()
+    for name in ("heapq.py", "bisect.py"):
+        (texts / f"{name}.txt").write_text((workdir / "corpus" / f"{name}.txt").read_text())
     out = workdir / "finetuned"
-    launch("finetune.py", workdir, "--config", "tiny.yaml", "--train.init_from", str(uninterrupted / "model"),
-           "--train.output_dir", str(out), "--train.max_steps", "3", "--train.learning_rate", "1e-3")
+    result = launch("finetune.py", workdir, "--config", "tiny.yaml", "--train.init_from", str(uninterrupted / "model"),
+                    "--data.dataset", str(texts), "--data.validation_fraction", "0.05",
+                    "--train.output_dir", str(out), "--train.max_steps", "3", "--train.learning_rate", "1e-3")
+    assert "too few to hold out whole ones" in result.stderr
     start, end = weights(uninterrupted), weights(out)
     assert any(not torch.equal(start[k], end[k]) for k in start)  # it trained
     assert (out / "model" / "tokenizer.json").read_text() == (uninterrupted / "model" / "tokenizer.json").read_text()
@@ -94,6 +107,7 @@ def test_finetune_from_saved_folder(workdir, uninterrupted):
     assert metrics["eval/bpb"] > 0 and metrics["eval/loss"] < 5.0
 
 
+@slow
 def test_two_process_ddp_matches_one_process(workdir):
     # Dropout off: two processes draw their masks from two RNG streams, one process from one.
     common = ["--config", "tiny.yaml", "--model.hidden_dropout", "0.0", "--train.max_steps", "6"]
@@ -106,6 +120,7 @@ def test_two_process_ddp_matches_one_process(workdir):
         assert torch.allclose(ddp[name], single[name], atol=2e-5, rtol=1e-4), name
 
 
+@slow
 def test_bad_config_fails_clearly(workdir):
     result = launch("pretrain.py", workdir, "--config", "tiny.yaml", "--train.max_stepz", "3", check=False)
     assert result.returncode != 0
@@ -144,6 +159,7 @@ def test_every_recipe_parses_into_a_valid_model(recipe):
     assert config.max_position_embeddings >= run.data.block_size
 
 
+@slow
 def test_sigterm_checkpoints_and_the_resumed_run_is_exact(workdir, uninterrupted):
     out = workdir / "preempted"
     cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", "tiny.yaml", "--train.output_dir", str(out)]
@@ -164,17 +180,32 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_exact(workdir, uninterrupted
         assert torch.equal(resumed[name], full[name]), name
 
 
-def test_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state(workdir):
+@slow
+def test_divergence_keeps_the_last_finite_checkpoint_and_its_advice_works(workdir):
     out = workdir / "diverged"
-    result = launch("pretrain.py", workdir, "--config", "tiny.yaml", "--train.output_dir", str(out),
+    common = ["--config", "tiny.yaml", "--train.output_dir", str(out), "--train.checkpoint_every", "4"]
+    launch("pretrain.py", workdir, *common, "--train.stop_after_steps", "4")
+    # The same run resumed with an absurd learning rate: the update of step 5 blows the weights up.
+    result = launch("pretrain.py", workdir, *common, "--train.resume_from_checkpoint", "latest",
                     "--train.learning_rate", "1e30", "--train.max_grad_norm", "null", check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "Non-finite loss" in result.stderr and "resume_from_checkpoint" in result.stderr
-    checkpoints = sorted((out / "checkpoints").glob("step_*"))
-    assert len(checkpoints) == 1 and str(checkpoints[0]) in result.stderr
-    assert not (out / "model").exists()
+    assert "Non-finite" in result.stderr and "before applying that update" in result.stderr
+    last = out / "checkpoints" / "step_0000004"
+    assert sorted((out / "checkpoints").iterdir()) == [last]  # nothing written from the diverged state
+    assert f"--train.resume_from_checkpoint {last}" in result.stderr
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(last / "model.safetensors").values())
+    # The advice, followed: resume from that checkpoint with a lower learning rate, and the run completes.
+    done = launch("pretrain.py", workdir, *common, "--train.resume_from_checkpoint", str(last),
+                  "--train.learning_rate", "2e-3")
+    assert "Peak learning rate 1e+30 -> 0.002" not in done.stdout  # the checkpoint held the original 5e-3
+    assert "Peak learning rate 0.005 -> 0.002" in done.stdout
+    results = json.loads((out / "model" / "eval_results.json").read_text())
+    assert results["step"] == 16 and results["eval/loss"] < 4.5
 
 
+@slow
 def test_push_to_hub_uploads_the_saved_folder(monkeypatch, uninterrupted, workdir):
     import huggingface_hub
 
@@ -194,3 +225,239 @@ def test_push_to_hub_uploads_the_saved_folder(monkeypatch, uninterrupted, workdi
     assert {"model.safetensors", "config.json", "modeling_revformer.py", "reversible.py", "attention.py",
             "configuration_revformer.py", "tokenizer.json", "README.md"} <= files
     assert "auto_map" in json.loads((Path(folder) / "config.json").read_text())
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_string_overrides_keep_the_text_typed(workdir):
+    run = load_run_config(workdir / "tiny.yaml", ["--train.output_dir", "nan", "--train.project_name", "yes",
+                                                  "--train.run_name", "1e3", "--train.hub_model_id", "null",
+                                                  "--train.mixed_precision", "no", "--data.dataset_config", "null"])
+    assert run.train.output_dir == "nan" and run.train.project_name == "yes" and run.train.run_name == "1e3"
+    assert run.train.hub_model_id is None  # optional: null still unsets it
+    assert run.train.mixed_precision == "no" and run.data.dataset_config is None
+    run = load_run_config(workdir / "tiny.yaml", ["--train.learning_rate", "1e3", "--train.eval_batches", "null"])
+    assert run.train.learning_rate == 1000.0 and run.train.eval_batches is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--model.num_attention_heads", "5"], "must be divisible by num_attention_heads"),
+        (["--train.eval_every", "0"], "train.eval_every must be >= 1"),
+        (["--train.warmup_steps", "-1"], "train.warmup_steps must be >= 0"),
+        (["--train.min_lr_ratio", "-0.5"], "train.min_lr_ratio must be in [0, 1]"),
+        (["--train.warmup_steps", "20"], "warmup_steps=20 is not shorter than train.max_steps=16"),
+        (["--data.block_size", "512"], "exceeds the model's max_position_embeddings=128"),
+    ],
+)
+def test_whole_run_is_validated_at_load(workdir, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_run_config(workdir / "tiny.yaml", overrides)
+
+
+@slow
+def test_invalid_run_fails_before_any_tokenizing(tmp_path):
+    work = make_workdir(tmp_path)
+    result = launch("pretrain.py", work, "--config", "tiny.yaml", "--model.hidden_size", "30", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "hidden_size (30) must be divisible by num_attention_heads (4)" in result.stderr
+    assert "Tokenizing" not in result.stderr and not (work / "hf_cache").exists()
+
+
+def test_help_lists_every_section_and_key_with_defaults():
+    helps = {}
+    for script in ("pretrain.py", "finetune.py", "evaluate.py"):
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True,
+                                text=True, env=env(ROOT), timeout=120)
+        assert result.returncode == 0, result.stderr
+        helps[script] = result.stdout
+        for line in ("--train.max_steps int [1000]", "--data.block_size int [1024]", "--model.hidden_size int [512]",
+                     "--train.mixed_precision"):
+            assert line in result.stdout, (script, line)
+    finetune = " ".join(helps["finetune.py"].split())
+    assert "--train.init_from PATH_OR_HUB_ID (a save_pretrained folder) is required" in finetune
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@slow
+def test_evaluate_script_reports_the_trainers_final_number(uninterrupted, workdir):
+    final = json.loads((uninterrupted / "model" / "eval_results.json").read_text())
+    assert final["eval/train_loss"] > 0  # both losses on the same footing
+    # No --config: the run's own train_config.yaml beside the model names the data. A fresh datasets cache, so
+    # what gets tokenized shows: the validation split only, never the training split.
+    fresh = {**env(workdir), "HF_DATASETS_CACHE": str(workdir / "fresh_cache")}
+    scored = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(uninterrupted / "model")],
+                            capture_output=True, text=True, cwd=workdir, env=fresh, timeout=600)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    metrics = json.loads(scored.stdout)
+    for key in ("eval/loss", "eval/bpb"):
+        assert metrics[key] == pytest.approx(final[key], rel=1e-9), key
+    assert "validation split held out" in scored.stderr
+    assert scored.stderr.count("Tokenizing:   0%") == 1, scored.stderr
+
+
+@slow
+def test_evaluate_script_scores_a_named_file_folder_or_split(uninterrupted, workdir):
+    test_dir = workdir / "with_splits"
+    (test_dir / "test").mkdir(parents=True)
+    (test_dir / "train.txt").write_text("x = 1\n" * 200)
+    (test_dir / "test" / "a.txt").write_text("def f(a, b):\n    return a + b\n" * 40)
+    model = str(uninterrupted / "model")
+    one_file = json.loads(launch("evaluate.py", workdir, model, "--data.dataset",
+                                 str(test_dir / "test" / "a.txt")).stdout)
+    split = json.loads(launch("evaluate.py", workdir, model, "--data.dataset", str(test_dir),
+                              "--data.validation_split", "test").stdout)
+    assert one_file == split  # the same text, named two ways
+    assert one_file["eval/loss"] > 0 and one_file["eval/bpb"] > 0
+    sampled = launch("evaluate.py", workdir, model, "--eval_batches", "1", "--train.batch_size", "2")
+    assert "a fixed random sample of 1 batches" in sampled.stderr
+    refused = launch("evaluate.py", workdir, model, "--train.max_steps", "5", check=False)
+    assert refused.returncode != 0 and "evaluate.py does not use --train.max_steps" in refused.stderr
+    missing = launch("evaluate.py", workdir, model, "--data.dataset", str(test_dir), "--data.validation_split",
+                     "dev", check=False)
+    assert missing.returncode != 0 and "has no split 'dev'" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- recoverable failures
+
+
+@slow
+def test_truncated_checkpoint_resumes_from_the_previous_one(workdir, uninterrupted):
+    out = workdir / "truncated"
+    common = ["--config", "tiny.yaml", "--train.output_dir", str(out), "--train.checkpoint_every", "4",
+              "--train.keep_checkpoints", "3"]
+    launch("pretrain.py", workdir, *common, "--train.stop_after_steps", "12")
+    damaged = out / "checkpoints" / "step_0000012" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a crash or full disk mid-write
+    result = launch("pretrain.py", workdir, *common, "--train.resume_from_checkpoint", "latest")
+    assert "checkpoint" in result.stderr and "step_0000012 is damaged" in result.stderr
+    assert "resuming from" in result.stderr and "step_0000008" in result.stderr and "Traceback" not in result.stderr
+    resumed, full = weights(out), weights(uninterrupted)
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+
+
+@slow
+def test_streamed_dataset_resumes_in_a_later_epoch(tmp_path):
+    work = make_workdir(tmp_path)
+    (work / "small.txt").write_text((ROOT / "revformer" / "config.py").read_text()[:2600])
+    common = ["--config", "tiny.yaml", "--data.dataset", str(work / "small.txt"), "--data.streaming", "true",
+              "--train.max_steps", "16"]  # about 8 batches per epoch: the run reads the stream twice
+    launch("pretrain.py", work, *common, "--train.output_dir", str(work / "full"))
+    launch("pretrain.py", work, *common, "--train.output_dir", str(work / "resumed"), "--train.stop_after_steps", "11")
+    state = json.loads((work / "resumed" / "checkpoints" / "step_0000011" / "trainer_state.json").read_text())
+    assert state["epoch"] >= 1, state  # stopped after the stream was read once through
+    launch("pretrain.py", work, *common, "--train.output_dir", str(work / "resumed"),
+           "--train.resume_from_checkpoint", "latest")
+    resumed, full = weights(work / "resumed"), weights(work / "full")
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+
+
+FAKE_HUB = '''
+import json, os, sys
+import huggingface_hub
+
+LOG, MODE = os.environ["FAKE_HUB_LOG"], os.environ["FAKE_HUB_MODE"]
+
+
+def record(*event):
+    with open(LOG, "a") as f:
+        f.write(json.dumps(event) + "\\n")
+
+
+class FakeHfApi:
+    """HfApi as a network outage or a missing login presents it."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def whoami(self):
+        if MODE == "logged_out":
+            raise OSError("Invalid user token.")
+        return {"name": "tester"}
+
+    def create_repo(self, repo_id, private=True, exist_ok=True, **kwargs):
+        if MODE == "no_access":
+            raise PermissionError("403 Forbidden: you cannot create a repo in this namespace")
+        record("create", repo_id)
+
+    def upload_folder(self, repo_id, folder_path, commit_message, **kwargs):
+        record("upload", repo_id, sorted(os.listdir(folder_path)), commit_message)
+        raise ConnectionError("Network is unreachable")
+
+
+huggingface_hub.HfApi = FakeHfApi
+import revformer.trainer as trainer
+
+trainer.HUB_RETRY_DELAYS = (0.0, 0.0)  # two retries, no waiting
+trainer.main()
+'''
+
+
+@slow
+@pytest.mark.parametrize("mode", ["logged_out", "no_access"])
+def test_hub_access_is_checked_before_training(tmp_path, mode):
+    work = make_workdir(tmp_path)
+    (work / "fake_hub_run.py").write_text(FAKE_HUB)
+    cmd = [sys.executable, "fake_hub_run.py", "--config", "tiny.yaml", "--train.push_to_hub", "true",
+           "--train.hub_model_id", "me/tiny", "--train.output_dir", str(work / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=work, timeout=600,
+                            env={**env(work), "FAKE_HUB_LOG": str(work / "hub.log"), "FAKE_HUB_MODE": mode})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert ("huggingface-cli login" if mode == "logged_out" else "Cannot create or write to") in result.stderr
+    assert "Tokenizing" not in result.stderr and not (work / "out" / "train_config.yaml").exists()
+
+
+@slow
+def test_failed_hub_pushes_never_stop_training(tmp_path):
+    work = make_workdir(tmp_path)
+    (work / "fake_hub_run.py").write_text(FAKE_HUB)
+    log = work / "hub.log"
+    cmd = [sys.executable, "fake_hub_run.py", "--config", "tiny.yaml", "--train.push_to_hub", "true",
+           "--train.hub_model_id", "me/tiny", "--train.save_pretrained_with_checkpoints", "true",
+           "--train.checkpoint_every", "4", "--train.max_steps", "8", "--train.output_dir", str(work / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=work, timeout=600,
+                            env={**env(work), "FAKE_HUB_LOG": str(log), "FAKE_HUB_MODE": "down"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (work / "out" / "model" / "model.safetensors").exists()  # training went on to the end
+    uploads = [json.loads(line) for line in log.read_text().splitlines() if '"upload"' in line]
+    messages = [u[3] for u in uploads]
+    # Checkpoint pushes in the background and the final push: each tried three times (two retries).
+    assert messages.count("checkpoint at step 4") == 3 and messages.count("checkpoint at step 8") == 3
+    assert sum(m.startswith("revformer: 8 steps") for m in messages) == 3
+    assert {"model.safetensors", "config.json", "modeling_revformer.py"} <= set(uploads[-1][2])
+    assert f"The model folder {work / 'out' / 'model'} is complete; push it later with" in result.stderr
+    assert "huggingface-cli upload me/tiny" in result.stderr
+
+
+# ----------------------------------------------------------------------------- FSDP2 model folder
+
+
+@slow
+def test_fsdp_final_folder_holds_revformer_code_and_loads_remotely(workdir):
+    out = workdir / "fsdp_folder"
+    launch("pretrain.py", workdir, "--config", "tiny.yaml", "--model.hidden_dropout", "0.0", "--train.max_steps", "3",
+           "--train.output_dir", str(out), processes=2, accelerate_config="fsdp_cpu.yaml")
+    folder = out / "model"
+    names = {p.name for p in folder.iterdir()}
+    assert {"modeling_revformer.py", "configuration_revformer.py", "reversible.py", "attention.py"} <= names
+    assert not any(n.startswith("_fsdp") for n in names), names
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["RevformerForCausalLM"]
+    assert config["auto_map"]["AutoModelForCausalLM"].endswith("modeling_revformer.RevformerForCausalLM")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["revformer"] = None  # as where revformer is not installed
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        print("ok", type(model).__name__)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=workdir)
+    assert result.returncode == 0 and "ok RevformerForCausalLM" in result.stdout, result.stderr[-3000:]
