@@ -8,8 +8,10 @@ Every kernel has the same signature and is picked by name from ``ATTENTION_FUNCT
   positions of the key sequence: query i sits at key index Tk - Tq + i (Tq == Tk in training,
   Tq < Tk in cached generation).
 - ``key_padding_mask``: (B, Tk) bool, True = real token, or None.
-- Attention is causal by key index. A query row with no admissible key (e.g. a left-padding
-  position) returns zeros, never NaN. The result is (B, H, Tq, D) in q's dtype.
+- Attention is causal by key index, and the set of keys a query sees depends on earlier tokens only
+  (``lsh`` included). Padding keys are never seen, and ``local`` / ``lsh`` windows count real tokens
+  only, so a left-padded row gives its unpadded result. A query row with no admissible key (e.g. a
+  left-padding position) returns zeros, never NaN. The result is (B, H, Tq, D) in q's dtype.
 - ``config``: any object with ``local_chunk_length``, ``local_num_chunks_before``,
   ``lsh_num_buckets``, ``lsh_num_hashes`` and ``lsh_chunk_length``.
 
@@ -155,7 +157,8 @@ def _local_chunks(
     def per_chunk(x: Tensor) -> Tensor:  # (B, H, n, L, D) -> (B*n, H, L, D)
         return x.transpose(1, 2).reshape(batch * n_chunks, heads, x.shape[-2], dim)
 
-    allowed = allowed.expand(batch, 1, n_chunks, chunk, window).transpose(1, 2).reshape(batch * n_chunks, 1, chunk, window)
+    allowed = allowed.expand(batch, 1, n_chunks, chunk, window).transpose(1, 2)
+    allowed = allowed.reshape(batch * n_chunks, 1, chunk, window)
     row_ok = allowed.any(-1, keepdim=True)  # slots past the queries, fully padded rows: see everything, then zeroed
     out = F.scaled_dot_product_attention(
         per_chunk(q_c), per_chunk(k_w.transpose(-1, -2)), per_chunk(v_w),
@@ -251,7 +254,9 @@ def lsh_buckets(x: Tensor, n_hashes: int, n_buckets: int, rotations: Tensor | No
     return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
 
 
-def lsh_rotations(head_dim: int, n_hashes: int, n_buckets: int, seed: int, device: torch.device | str = "cpu") -> Tensor | None:
+def lsh_rotations(
+    head_dim: int, n_hashes: int, n_buckets: int, seed: int, device: torch.device | str = "cpu"
+) -> Tensor | None:
     """Fixed LSH rotations (head_dim, n_hashes, n_buckets // 2) from ``seed`` (a CPU generator, so the same on
     every device); None for one bucket. Used in eval mode and generation, where logits must be deterministic."""
     if n_buckets == 1:
@@ -271,8 +276,8 @@ def _seen_in_earlier_round(q_pos: Tensor, k_pos: Tensor, codes: Tensor, window: 
     """For hash rounds 1..R-1: True where key k_pos is already in query q_pos's window of an earlier round.
 
     Such keys are dropped from the later round, so every key is counted once. q_pos and k_pos (B, H, R, ...)
-    broadcast against each other; codes (B, H, R, T) = bucket * (T + W + 1) + sorted slot of each position, so that "same
-    bucket and 0 <= slot(q) - slot(k) <= W" is one difference of codes. Returns (B, H, R - 1, ...).
+    broadcast against each other; codes (B, H, R, T) = bucket * (T + W + 1) + sorted slot of each position, so
+    that "same bucket and 0 <= slot(q) - slot(k) <= W" is one difference of codes. Returns (B, H, R - 1, ...).
     """
     seen = None
     for r in range(codes.shape[2] - 1):  # round r's windows, checked against every later round's pairs
