@@ -17,6 +17,7 @@ from datasets import Dataset, DatasetDict, IterableDataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from revformer import corpus
 from revformer import data as rd
 from revformer.data import DataConfig, DataError
 from revformer.tokenizer import byte_tokenizer, bytes_to_unicode, train_bpe_tokenizer
@@ -177,7 +178,7 @@ def test_text_folder_split_holds_out_whole_files_by_folder(tmp_path):
     held = set()
     for folder in ("sub0", "sub1", "sub2"):
         members = sorted((r for r in rels if r.startswith(folder)), key=lambda r: len(texts[r].encode()))
-        counter = rd._unit_hash(f"stratum:{folder}")
+        counter = corpus._unit_hash(f"stratum:{folder}")
         for rel in members:
             if int(counter + 0.3) > int(counter):
                 held.add(rel)
@@ -260,7 +261,7 @@ def test_hub_source_split_selection(monkeypatch):
     hub = DatasetDict({"train": Dataset.from_dict({"body": [f"t{i}" for i in range(50)]}),
                        "test": Dataset.from_dict({"body": ["x"]})})
     calls = []
-    monkeypatch.setattr(rd, "load_dataset", lambda *a, **k: calls.append((a, k)) or hub)
+    monkeypatch.setattr(corpus, "load_dataset", lambda *a, **k: calls.append((a, k)) or hub)
     cfg = DataConfig(dataset="owner/name", dataset_config="cfg", text_column="body", validation_fraction=0.2)
     train, val = rd.load_text_splits(cfg)
     assert calls[0][0] == ("owner/name", "cfg")
@@ -271,7 +272,7 @@ def test_hub_source_split_selection(monkeypatch):
     def offline(*a, **k):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(rd, "load_dataset", offline)
+    monkeypatch.setattr(corpus, "load_dataset", offline)
     with pytest.raises(DataError, match="could not load hub dataset 'owner/name'.*no network"):
         rd.load_text_splits(DataConfig(dataset="owner/name"))
 
@@ -283,9 +284,9 @@ def test_stdlib_corpus_listing_and_cross_process_split():
     assert "encodings/cp1252.py" not in files and "encodings/aliases.py" in files  # generated tables left out
     size = sum((root / f).stat().st_size for f in files)
     assert 15e6 < size < 40e6, size
-    val = rd._held_out_files(root, files, 0.02)
+    val = corpus._held_out_files(root, files, 0.02)
     assert 0 < len(val) < 0.05 * len(files)
-    code = ("from revformer.data import stdlib_files, _held_out_files; "
+    code = ("from revformer.corpus import stdlib_files, _held_out_files; "
             "root, files = stdlib_files(); print(_held_out_files(root, files, 0.02))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # a different str hash seed must not matter
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -295,7 +296,7 @@ def test_stdlib_corpus_listing_and_cross_process_split():
 def test_stdlib_validation_resembles_training():
     """The mix of top-level folders (by bytes) is nearly the same in validation as in training."""
     root, files = rd.stdlib_files()
-    held = set(rd._held_out_files(root, files, DataConfig().validation_fraction))
+    held = set(corpus._held_out_files(root, files, DataConfig().validation_fraction))
     shares = {}
     for side in (True, False):
         sizes = {}
