@@ -296,12 +296,13 @@ def _seen_in_earlier_round(q_pos: Tensor, k_pos: Tensor, codes: Tensor, window: 
 def _masked_softmax(scores: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
     """Softmax of ``scores`` over the allowed entries of the last axis and its logsumexp; rows with no allowed
     entry give probabilities 0 and logsumexp ``finfo.min`` (so they weigh nothing when rounds are merged)."""
-    row_ok = allowed.any(-1, keepdim=True)
-    row_max = scores.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True).detach()  # shift-invariant
+    blocked = ~allowed
+    row_max = scores.masked_fill(blocked, float("-inf")).amax(-1, keepdim=True).detach()  # shift-invariant
+    row_ok = row_max > float("-inf")
     row_max = torch.where(row_ok, row_max, 0.0)
     # exp's vectorised path needs arguments in its normal range: clamp to [-80, 0] (exp(-80) ~ 2e-35 against the
     # row maximum's 1, far below rounding); masked entries are zeroed after.
-    e = torch.exp((scores - row_max).clamp(-80.0, 0.0)).masked_fill(~allowed, 0.0)
+    e = torch.exp((scores - row_max).clamp(-80.0, 0.0)).masked_fill(blocked, 0.0)
     total = e.sum(-1, keepdim=True).clamp(min=torch.finfo(e.dtype).tiny)
     lse = torch.where(row_ok, row_max + total.log(), torch.finfo(e.dtype).min)
     return e / total, lse.squeeze(-1)
