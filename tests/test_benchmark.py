@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
 
 
@@ -41,3 +43,30 @@ def test_depth_suite_tiny(tmp_path: Path) -> None:
     assert "## Depth sweep" in readme and "## Targets" not in readme  # one depth: no flatness figure yet
     assert (tmp_path / "memory_vs_depth.png").stat().st_size > 0
     assert (tmp_path / "step_time_vs_depth.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # 11 fresh worker processes
+def test_memory_and_cost_suites_tiny(tmp_path: Path) -> None:
+    sizes = dict(hidden_size=32, num_heads=2, num_layers=2, vocab_size=512)
+    tiny = [f"--set=memory.{k}={v}" for k, v in sizes.items()] + [f"--set=cost.{k}={v}" for k, v in sizes.items()]
+    tiny += ["--set=memory.lengths=[256]", "--set=memory.start=256", "--set=memory.longest_max_len=256",
+             "--set=memory.budget_gib=0.5", "--set=cost.seq_len=256", "--set=cost.steps=1"]
+    cmd = [sys.executable, str(SCRIPT), "--suite", "memory,cost", "--models", "revformer,llama_ckpt",
+           "--out", str(tmp_path), *tiny]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    records = [json.loads(line) for line in (tmp_path / "memory.jsonl").read_text().splitlines()]
+    growth = {r["variant"]: r for r in records if r["mode"] == "memory"}
+    assert set(growth) == {"revformer", "revformer_no_chunking", "revformer_ff_chunks_only",
+                           "revformer_loss_chunks_only", "llama_ckpt"}
+    for r in growth.values():
+        assert r["ok"] and r["with_optimizer"] is False and r["optimizer_state_bytes"] == 0
+        assert r["growth_bytes"] == r["peak_bytes"] - r["param_bytes"] > 0
+    longest = {r["variant"]: r for r in records if r["mode"] == "longest"}
+    assert longest["revformer"]["longest"] == 256 and longest["revformer"]["capped"]  # the cap fits in 0.5 GiB
+    cost = [json.loads(line) for line in (tmp_path / "cost.jsonl").read_text().splitlines()]
+    assert sum(r["mode"] == "time" and r["ok"] for r in cost) == 4
+    readme = (tmp_path / "README.md").read_text()
+    assert "## What a user compares" in readme and "## Cost of the memory options" in readme
+    assert (tmp_path / "memory_forward_backward.png").stat().st_size > 0
