@@ -18,6 +18,11 @@ the rebuilt inputs drift from the true ones, more so with depth, low-precision c
 `FixedPointCoupling` the streams live on a grid of 2^-k and every output is rounded to it before the add, so the
 subtraction undoes the addition bit for bit and the reversible gradients equal those of plain backprop.
 
+The engine calls each sublayer exactly once per pass and knows nothing else about it. A sublayer that bounds its own
+memory does so inside that call: `chunked` runs a position-wise function a chunk of the sequence at a time, and
+because the engine announces the gradient each re-run's output will receive (`upstream_gradient`), the chunks
+compute their outputs and gradients together, with no recompute.
+
 Parameters are inputs of the Function and their gradients are its outputs (computed with `torch.autograd.grad`,
 never `.backward()` inside backward). Autograd therefore accumulates each parameter's gradient exactly once, through
 its ordinary `AccumulateGrad` node, which is what DDP's reducer expects with `find_unused_parameters` True or False.
