@@ -409,3 +409,21 @@ def test_dataset_smaller_than_one_block(tmp_path):
         rd.pack_texts(texts, byte_tokenizer(), 8, cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="fewer than one block"):
         list(rd.pack_texts(texts.to_iterable_dataset(), byte_tokenizer(), 8))
+
+
+def test_test_texts_named_split_whole_file_and_held_out(tmp_path):
+    (tmp_path / "c" / "test").mkdir(parents=True)
+    (tmp_path / "c" / "train.txt").write_text("train text\n" * 50)
+    (tmp_path / "c" / "test" / "a.txt").write_text("held-out text\n" * 20)
+    cache = str(tmp_path / "cache")
+    split = rd.load_test_texts(DataConfig(dataset=str(tmp_path / "c"), cache_dir=cache), "test")
+    whole = rd.load_test_texts(DataConfig(dataset=str(tmp_path / "c" / "test" / "a.txt"), cache_dir=cache), "*")
+    assert list(split["text"]) == list(whole["text"]) == ["held-out text\n" * 20]
+    everything = rd.load_test_texts(DataConfig(dataset=str(tmp_path / "c"), cache_dir=cache), "*")
+    assert sorted(everything["text"]) == sorted(["train text\n" * 50, "held-out text\n" * 20])
+    cfg = DataConfig(dataset=str(tmp_path / "c"), validation_split="test", cache_dir=cache)
+    assert list(rd.load_test_texts(cfg)["text"]) == list(rd.load_text_splits(cfg)[1]["text"])  # as training held out
+    with pytest.raises(DataError, match="has no split 'dev': no dev/ folder or dev.* file"):
+        rd.load_test_texts(DataConfig(dataset=str(tmp_path / "c"), cache_dir=cache), "dev")
+    with pytest.raises(DataError, match="no named splits"):
+        rd.load_test_texts(DataConfig(), "test")
