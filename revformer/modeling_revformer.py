@@ -19,8 +19,10 @@ from torch import Tensor, nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging
 
 from .attention import ATTENTION_FUNCTIONS, lsh_rotations
 from .configuration_revformer import RevformerConfig
@@ -34,6 +36,8 @@ from .reversible import (
 )
 
 IGNORE_INDEX = -100
+
+logger = logging.get_logger(__name__)
 
 
 class RevformerRMSNorm(nn.Module):
@@ -181,8 +185,12 @@ class RevformerFeedForward(nn.Module):
         return chunked(self.forward_chunk, x, self.chunk_size, [p for p in self.parameters() if p.requires_grad])
 
 
-class RevformerBlock(nn.Module):
-    """One reversible block: `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)`; `f` and `g` are what the engine re-runs."""
+class RevformerBlock(GradientCheckpointingLayer):
+    """One reversible block: `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)`; `f` and `g` are what the engine re-runs.
+
+    A `GradientCheckpointingLayer`: `activation_checkpointing_enable()` checkpoints `forward`, the plain path. The
+    reversible engine calls `f` and `g` directly and never goes through it.
+    """
 
     def __init__(self, config: RevformerConfig, layer_idx: int) -> None:
         super().__init__()
@@ -204,10 +212,15 @@ class RevformerBlock(nn.Module):
         cos: Tensor,
         sin: Tensor,
         key_padding_mask: Tensor | None = None,
+        *,
         cache: Cache | None = None,
         coupling: StreamCoupling | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """The plain (non-reversible) path, with standard autograd."""
+        """The plain (non-reversible) path, with standard autograd.
+
+        Tensors are positional and the cache a keyword, as `GradientCheckpointingLayer` needs: reentrant
+        checkpointing only propagates gradients through positional inputs, and it drops a keyword `cache`.
+        """
         coupling = coupling or StreamCoupling()
         y1 = coupling.add(x1, self.f(coupling.read(x2), cos, sin, key_padding_mask, cache))  # y1 = x1 + F(x2)
         y2 = coupling.add(x2, self.g(coupling.read(y1)))  # y2 = x2 + G(y1)
@@ -219,13 +232,28 @@ class RevformerPreTrainedModel(PreTrainedModel):
     config: RevformerConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    # `gradient_checkpointing_enable()` checkpoints each block of the plain path (`reversible=False`); the
-    # reversible path already keeps activation memory flat in depth and ignores it.
+    # `activation_checkpointing_enable()` checkpoints each block of the plain path (`reversible=False`); the
+    # reversible path already keeps activation memory flat in depth: there it warns and changes nothing.
     supports_gradient_checkpointing = True
     # The sublayers, not the block: the reversible engine calls `block.f` and `block.g` directly, so they are the
     # units that FSDP must gather (and device maps must keep whole).
     _no_split_modules = ["RevformerAttention", "RevformerFeedForward"]
     _supports_sdpa = True
+
+    def _activation_checkpointing_enable(self, *args, **kwargs) -> None:
+        if self.config.reversible:
+            logger.warning_once(
+                "Activation (gradient) checkpointing has no effect on a reversible revformer: the reversible engine "
+                "already rebuilds every block's input in backward, so activation memory does not grow with depth. "
+                "Training runs reversibly and is_activation_checkpointing stays False; the setting applies only if "
+                "you set config.reversible=False."
+            )
+        super()._activation_checkpointing_enable(*args, **kwargs)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether training steps checkpoint activations: never on the reversible path (it does not need to)."""
+        return not self.config.reversible and super().is_activation_checkpointing
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -342,14 +370,8 @@ class RevformerModel(RevformerPreTrainedModel):
                 x1, x2, self.layers, (cos, sin, key_padding_mask), self.coupling, self.uses_randomness()
             )
         else:
-            checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-            for block in self.layers:
-                if checkpointed:
-                    x1, x2 = self._gradient_checkpointing_func(
-                        block.__call__, x1, x2, cos, sin, key_padding_mask, None, self.coupling
-                    )
-                else:
-                    x1, x2 = block(x1, x2, cos, sin, key_padding_mask, cache, self.coupling)
+            for block in self.layers:  # each block checkpoints itself when enabled (GradientCheckpointingLayer)
+                x1, x2 = block(x1, x2, cos, sin, key_padding_mask, cache=cache, coupling=self.coupling)
                 if output_hidden_states:
                     hidden_states.append((decode(x1) + decode(x2)) / 2)
 
