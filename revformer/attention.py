@@ -51,6 +51,11 @@ AttentionFunction = Callable[..., Tensor]
 # so it is penalised). Finite and far above the mask value: it wins only when nothing else is allowed.
 LSH_SELF_MASK_VALUE = -1e5
 
+# Score elements (fp32) one group of LSH blocks may hold at once: the group's scores are the transient peak, and
+# under autograd each group is checkpointed, so only its inputs and outputs are kept for backward. Hashing works
+# on slices of as many projections.
+LSH_GROUP_SCORES = 2**20
+
 
 def _upcast(x: Tensor) -> Tensor:
     """Promote half types to fp32 for softmax; keep fp32/fp64 as they are."""
@@ -250,8 +255,18 @@ def lsh_buckets(x: Tensor, n_hashes: int, n_buckets: int, rotations: Tensor | No
             f"LSH rotations have shape {tuple(rotations.shape)}, expected (head_dim, lsh_num_hashes, "
             f"lsh_num_buckets // 2) = {(d, n_hashes, n_buckets // 2)}; build them with lsh_rotations()."
         )
-    rotated = torch.einsum("bhtd,drk->bhrtk", x.detach().float(), rotations.to(x.device, torch.float32))
-    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    rotations = rotations.to(x.device, torch.float32)
+    # argmax([xR, -xR]) without the concatenation, over slices of T: the (T, n_buckets / 2) projections would
+    # otherwise be the largest tensor of a long sequence (O(T^2 / chunk) with one bucket per chunk).
+    step = max(1, LSH_GROUP_SCORES // (b * h * n_hashes * (n_buckets // 2)))
+    out = []
+    for start in range(0, t, step):
+        rotated = torch.einsum("bhtd,drk->bhrtk", x[:, :, start : start + step].detach().float(), rotations)
+        top, top_idx = rotated.max(dim=-1)
+        bottom, bottom_idx = rotated.min(dim=-1)
+        # Ties go to the first half, as argmax over the concatenation would.
+        out.append(torch.where(top >= -bottom, top_idx, bottom_idx + n_buckets // 2))
+    return torch.cat(out, dim=-1)
 
 
 def lsh_rotations(
@@ -357,11 +372,6 @@ def _pair_dropout(probs: Tensor, q_pos: Tensor, k_pos: Tensor, t: int, seed: Ten
     z = z ^ (z >> 31)
     keep = (z & 0xFFFFFF).to(torch.float32) >= p * 2**24
     return probs * keep / (1.0 - p)
-
-
-# Score elements (fp32) one group of LSH blocks may hold at once: the group's scores are the transient peak, and
-# under autograd each group is checkpointed, so only its inputs and outputs are kept for backward.
-LSH_GROUP_SCORES = 2**20
 
 
 def lsh_attention(
