@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
 
 ATTENTION_KINDS = ("full", "local", "lsh")
 STREAM_DTYPES = ("float32", "fixed_point")
@@ -13,7 +14,9 @@ STREAM_DTYPES = ("float32", "fixed_point")
 class RevformerConfig(PreTrainedConfig):
     r"""Configuration of a [`RevformerForCausalLM`].
 
-    Canonical Hugging Face names, plus:
+    Canonical Hugging Face names (`rope_parameters` as in Llama: e.g. `{"rope_type": "yarn", "factor": 4.0,
+    "original_max_position_embeddings": 1024}` with `max_position_embeddings=4096` runs a model trained at 1K tokens
+    at 4K), plus:
         reversible (`bool`): train through the reversible engine (activation memory independent of depth). `False`
             runs the very same blocks as an ordinary residual network with standard autograd.
         attention_layers (`list[str]` or `str`): attention kernel per layer, each one of `full`, `local`, `lsh`; a
@@ -52,7 +55,9 @@ class RevformerConfig(PreTrainedConfig):
     max_position_embeddings: int = 8192
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    # transformers' RoPE parameters (`rope_type` default/linear/dynamic/yarn/llama3 + `rope_theta`, `factor`, ...);
+    # configs saved with a top-level `rope_theta` (or `rope_scaling`) are converted on load.
+    rope_parameters: RopeParameters | dict | None = None
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     initializer_range: float = 0.02

@@ -24,6 +24,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import logging
 
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
 from .attention import ATTENTION_FUNCTIONS, lsh_rotations
 from .configuration_revformer import RevformerConfig
 from .reversible import (
@@ -55,23 +57,44 @@ class RevformerRMSNorm(nn.Module):
 
 
 class RevformerRotaryEmbedding(nn.Module):
-    """Rotary position embedding: cos/sin tables for given positions (rebuilt on load: the buffer is not saved)."""
+    """Rotary position embedding: cos/sin tables for given positions, per `config.rope_parameters`.
+
+    The frequencies come from transformers' RoPE utilities (`ROPE_INIT_FUNCTIONS`, `dynamic_rope_update`), as in
+    Llama: `default`, `linear`, `dynamic`, `yarn`, `llama3`. The buffers are rebuilt on load, never saved.
+    """
 
     def __init__(self, config: RevformerConfig) -> None:
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: RevformerConfig) -> Tensor:
-        dim = config.head_dim
-        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    def compute_inv_freq(config: RevformerConfig, device: torch.device | None = None) -> tuple[Tensor, float]:
+        """Inverse frequencies (head_dim / 2,) and the cos/sin scale (yarn's attention factor; 1 otherwise)."""
+        rope_type = config.rope_parameters["rope_type"]
+        if rope_type == "default":
+            dim, base = config.head_dim, config.rope_parameters["rope_theta"]
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+            return inv_freq, 1.0
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"rope_parameters['rope_type']={rope_type!r} is not a RoPE type transformers knows; use one of "
+                f"{sorted(['default', *ROPE_INIT_FUNCTIONS])}."
+            )
+        return ROPE_INIT_FUNCTIONS[rope_type](config, device)
 
     @torch.no_grad()
-    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+    @dynamic_rope_update  # `dynamic` recomputes the frequencies beyond max_position_embeddings
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (B|1, T, D) in fp32 for `position_ids` (B|1, T); `x` gives only the device."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device).float()  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
-        return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -267,7 +290,9 @@ class RevformerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RevformerRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, RevformerRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
+            inv_freq, _ = module.compute_inv_freq(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
 
 
 class RevformerModel(RevformerPreTrainedModel):
@@ -304,7 +329,7 @@ class RevformerModel(RevformerPreTrainedModel):
         """
         device = input_ids.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            cos, sin = self.rotary_emb(torch.arange(input_ids.shape[1], device=device).unsqueeze(0))
+            cos, sin = self.rotary_emb(input_ids, torch.arange(input_ids.shape[1], device=device).unsqueeze(0))
             padded = attention_mask is not None and not bool(attention_mask.all())
             aux = (cos, sin, attention_mask.bool() if padded else None)
             x = self.coupling.encode(self.embed_tokens(input_ids))
@@ -343,11 +368,17 @@ class RevformerModel(RevformerPreTrainedModel):
 
         batch, seq = inputs_embeds.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
-        if past + seq > self.config.max_position_embeddings:
+        limit = self.config.max_position_embeddings
+        if self.config.rope_parameters["rope_type"] == "dynamic":  # dynamic NTK scaling extends beyond it at run time
+            limit = int(limit * self.config.rope_parameters["factor"])
+        if past + seq > limit:
             raise ValueError(
-                f"Sequence of {past + seq} tokens is longer than this model allows (max_position_embeddings="
-                f"{self.config.max_position_embeddings}); truncate the input or build the model with a larger "
-                f"max_position_embeddings."
+                f"Sequence of {past + seq} tokens is longer than this model allows ({limit} tokens: "
+                f"max_position_embeddings={self.config.max_position_embeddings}, rope_parameters="
+                f"{self.config.rope_parameters}); truncate the input, or extend the context with RoPE scaling "
+                f"(e.g. rope_parameters={{'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': "
+                f"{self.config.max_position_embeddings}}} and max_position_embeddings="
+                f"{4 * self.config.max_position_embeddings})."
             )
         if position_ids is None and attention_mask is not None and attention_mask.shape == (batch, past + seq):
             # Count positions over real tokens, as generate() does: a left-padded row then gets its unpadded
@@ -355,7 +386,7 @@ class RevformerModel(RevformerPreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).unsqueeze(0)
-        cos, sin = self.rotary_emb(position_ids)  # (B|1, T, D)
+        cos, sin = self.rotary_emb(inputs_embeds, position_ids)  # (B|1, T, D)
         key_padding_mask = None  # (B, T_past + T) bool, True = real token; None when nothing is padded
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
