@@ -298,7 +298,8 @@ def set_peak_learning_rate(optimizer: Any, scheduler: Any, peak: float) -> float
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the LambdaLR
     old = inner.base_lrs[0]
     inner.base_lrs = [peak for _ in inner.base_lrs]
-    for group, lr in zip(optimizer.param_groups, inner.get_lr()):
+    lrs = [peak * factor(inner.last_epoch) for factor in inner.lr_lambdas]  # what LambdaLR.step() computes
+    for group, lr in zip(optimizer.param_groups, lrs):
         group["initial_lr"], group["lr"] = peak, lr
     inner._last_lr = [group["lr"] for group in optimizer.param_groups]
     return old if not math.isclose(old, peak, rel_tol=1e-12) else None
