@@ -324,12 +324,15 @@ def _masked_softmax(scores: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _lsh_blocks(
-    q_g: Tensor, k_g: Tensor, v_g: Tensor, pos_g: Tensor, start_g: Tensor, *, first_block: int, codes: Tensor,
-    window: int, scale: float, dropout_p: float, dropout_seed: Tensor | None,
+    q_g: Tensor, k_prev: Tensor, k_g: Tensor, v_prev: Tensor, v_g: Tensor, pos_prev: Tensor, pos_g: Tensor,
+    start_g: Tensor, *, first_block: int, codes: Tensor, window: int, scale: float, dropout_p: float,
+    dropout_seed: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Blocks first_block .. first_block + g - 1 of the sorted sequence: queries (B, H, R, g*C, D) with the first
-    slot of their bucket's run (B, H, R, g*C), keys/values and their positions (B, H, R, (g+1)*C[, D]) starting one
-    block earlier. Returns the sorted outputs (B, H, R, g*C, D) and logsumexps (B, H, R, g*C)."""
+    """Blocks first_block .. first_block + g - 1 of the sorted sequence: queries, keys, values and positions
+    (B, H, R, g*C[, D]), the first slot of each query's bucket run (B, H, R, g*C), and the block before them
+    (``*_prev``, (B, H, R, C[, D])). Returns the sorted outputs (B, H, R, g*C, D) and logsumexps (B, H, R, g*C)."""
+    k_g, v_g = torch.cat([k_prev, k_g], dim=-2), torch.cat([v_prev, v_g], dim=-2)
+    pos_g = torch.cat([pos_prev, pos_g], dim=-1)
     c = window
     g = q_g.shape[-2] // c
     q_blk = q_g.unflatten(-2, (g, c))  # (B, H, R, g, C, D)
@@ -440,22 +443,26 @@ def lsh_attention(
         never = (n + 1) * c  # above every key slot: pad tokens (and slots past the end) attend to nothing
         run_start = F.pad(run_start.masked_fill(sorted_bkt == n_buckets, never), (0, n * c - t), value=never)
 
-        def sort_pad(x: Tensor) -> Tensor:  # sorted order, one empty block in front, whole blocks
-            return F.pad(_gather_positions(x, perm), (0, 0, c, n * c - t))
-
-        q_s, k_s, v_s = sort_pad(q), sort_pad(k), sort_pad(v)  # (B, H, R, (n+1)C, D)
-        pos_s = F.pad(perm, (c, n * c - t), value=-1)  # (B, H, R, (n+1)C)
         per_block = b * h * n_hashes * 2 * c * c * (4 if seed is not None else 1)  # the dropout hash is int64
         group = max(1, LSH_GROUP_SCORES // per_block)
+
+        # Sorted order padded to whole blocks, split into groups of blocks: one split (not a slice per group,
+        # whose backward would fill a whole-sequence gradient each time).
+        def sorted_groups(x: Tensor) -> tuple[Tensor, ...]:
+            return F.pad(_gather_positions(x, perm), (0, 0, 0, n * c - t)).split(group * c, dim=-2)
+
+        q_p, k_p, v_p = sorted_groups(q), sorted_groups(k), sorted_groups(v)  # (B, H, R, group*C, D) each
+        pos_p = F.pad(perm, (0, n * c - t), value=-1).split(group * c, dim=-1)
+        start_p = run_start.split(group * c, dim=-1)
         checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        empty, no_pos = q.new_zeros(b, h, n_hashes, c, d), perm.new_full((b, h, n_hashes, c), -1)
         outs, lses = [], []
-        for g0 in range(0, n, group):
-            g1 = min(n, g0 + group)
-            keys = slice(g0 * c, (g1 + 1) * c)
-            fn = partial(_lsh_blocks, first_block=g0, codes=codes, window=c, scale=scale, dropout_p=dropout_p,
+        for i in range(len(q_p)):
+            fn = partial(_lsh_blocks, first_block=i * group, codes=codes, window=c, scale=scale, dropout_p=dropout_p,
                          dropout_seed=seed)  # fmt: skip
-            args = (q_s[..., (g0 + 1) * c : (g1 + 1) * c, :], k_s[..., keys, :], v_s[..., keys, :], pos_s[..., keys],
-                    run_start[..., g0 * c : g1 * c])  # fmt: skip
+            prev = (empty, empty, no_pos) if i == 0 else (k_p[i - 1][..., -c:, :], v_p[i - 1][..., -c:, :],
+                                                          pos_p[i - 1][..., -c:])  # fmt: skip
+            args = (q_p[i], prev[0], k_p[i], prev[1], v_p[i], prev[2], pos_p[i], start_p[i])
             out_g, lse_g = checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args)
             outs.append(out_g)
             lses.append(lse_g)
