@@ -54,7 +54,7 @@ LABELS = {
     "llama_ckpt": "Llama + checkpointing",
     "reformer": "HF Reformer (local)",
 }
-SUITES = ("depth", "core", "length", "longseq", "quality", "memory")
+SUITES = ("depth", "core", "length", "longseq", "quality", "memory", "cost")
 # Plot style per model (colour, marker, line): overlapping curves stay visible.
 STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "llama": ("C2", "^", "-"),
           "llama_ckpt": ("C3", "v", "--"), "reformer": ("C4", "D", ":")}
@@ -110,6 +110,7 @@ class Defaults:
     longseq: dict[str, Any]
     quality: dict[str, Any]
     memory: dict[str, Any]
+    cost: dict[str, Any]
 
 
 DEFAULTS = {
@@ -123,10 +124,12 @@ DEFAULTS = {
         quality={"hidden_size": 128, "num_heads": 4, "num_layers": 4, "seq_len": 256, "batch_size": 8, "steps": 250,
                  "lr": 3e-3, "eval_every": 50, "val_blocks": 512},
         memory={"hidden_size": 256, "num_heads": 4, "num_layers": 8, "vocab_size": 8192,
-                "lengths": [4096, 8192, 16384, 32768],
-                "max_len": {"llama": 16384, "revformer_no_chunking": 16384, "revformer_ff_chunks_only": 16384,
-                            "revformer_loss_chunks_only": 16384},
-                "longest": True, "budget_gib": 0.25, "start": 1024, "longest_max_len": 65536},
+                "lengths": [4096, 8192, 16384],
+                "max_len": {"revformer_no_chunking": 8192, "revformer_ff_chunks_only": 8192,
+                            "revformer_loss_chunks_only": 8192},
+                "longest": ["revformer", "llama", "llama_ckpt", "reformer"], "budget_gib": 0.25, "start": 1024,
+                "longest_max_len": 32768},
+        cost={"hidden_size": 256, "num_heads": 4, "num_layers": 12, "vocab_size": 8192, "seq_len": 4096, "steps": 7},
     ),
     "cuda": Defaults(
         depth={"hidden_size": 1024, "num_heads": 16, "seq_len": 4096, "depths": [2, 6, 12, 24, 48], "steps": 10},
@@ -140,7 +143,10 @@ DEFAULTS = {
                  "lr": 2e-3, "eval_every": 200, "val_blocks": 2048},
         memory={"hidden_size": 1024, "num_heads": 16, "num_layers": 12, "vocab_size": 32000,
                 "lengths": [8192, 16384, 32768, 65536, 131072], "max_len": {"llama": 32768},
-                "longest": True, "budget_gib": None, "start": 8192, "longest_max_len": 2**21},
+                "longest": ["revformer", "revformer_no_chunking", "llama", "llama_ckpt", "reformer"],
+                "budget_gib": None, "start": 8192, "longest_max_len": 2**21},
+        cost={"hidden_size": 1024, "num_heads": 16, "num_layers": 12, "vocab_size": 32000, "seq_len": 8192,
+              "steps": 10},
     ),
 }
 
@@ -744,7 +750,7 @@ def suite_memory(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any]
             runner.memory(spec, "memory", with_optimizer=False, variant=variant)
     gib = args.memory_budget_gib if args.memory_budget_gib is not None else sizes["budget_gib"]
     budget = int(gib * 2**30) if gib else None
-    for variant in variants if sizes.get("longest") else []:
+    for variant in [v for v in variants if v in sizes["longest"]]:
         model, overrides = MEMORY_VARIANTS[variant]
         spec = base_spec(args, sizes, model, **overrides)
         try:
@@ -756,6 +762,22 @@ def suite_memory(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any]
         with open(runner.out / "memory.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
         print(f"[memory] {variant}: longest {result.get('longest')} within {gib} GiB", file=sys.stderr, flush=True)
+
+
+def variant_of(spec: dict[str, Any]) -> str | None:
+    """The MEMORY_VARIANTS name of a spec (as stored in the JSON lines), if it is one."""
+    for variant, (model, overrides) in MEMORY_VARIANTS.items():
+        if spec["model"] == model and all(spec.get(k) == overrides.get(k) for k in ("chunk", "ff_chunk", "loss_chunk")):
+            return variant
+    return None
+
+
+def suite_cost(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
+    """Training-step time of revformer with its default memory options against none and each option alone; the
+    models are stepped round-robin in one process, so their ratios share the machine's noise."""
+    variants = ("revformer", "revformer_no_chunking", "revformer_ff_chunks_only", "revformer_loss_chunks_only")
+    runner.time([base_spec(args, sizes, MEMORY_VARIANTS[v][0], **MEMORY_VARIANTS[v][1]) for v in variants], "cost",
+                sizes["steps"])
 
 
 def suite_quality(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any]) -> None:
@@ -779,7 +801,7 @@ def suite_quality(runner: Runner, args: argparse.Namespace, sizes: dict[str, Any
 
 
 SUITE_FUNCTIONS = {"depth": suite_depth, "core": suite_core, "length": suite_length, "longseq": suite_longseq,
-                   "quality": suite_quality, "memory": suite_memory}
+                   "quality": suite_quality, "memory": suite_memory, "cost": suite_cost}
 
 
 # ---------------------------------------------------------------------------------------------- parent: report
@@ -886,6 +908,14 @@ def evaluate_targets(res: dict[str, list[dict[str, Any]]]) -> list[tuple[str, st
         rev_l, ck = longest_at_budget["revformer"]["longest"], longest_at_budget["llama_ckpt"]["longest"]
         out.append(("Longest forward+backward at equal budget >= 4x Llama + checkpointing (default revformer)",
                     f"{rev_l} vs {ck} tokens ({rev_l / max(ck, 1):.2f}x)", "met" if rev_l >= 4 * ck else "missed"))
+    cost = {variant_of(r["spec"]): r for r in res.get("cost", []) if r.get("mode") == "time" and r.get("ok")}
+    if "revformer" in cost and "revformer_no_chunking" in cost:
+        ratio = cost["revformer"]["step_s"] / cost["revformer_no_chunking"]["step_s"]
+        s = cost["revformer"]["spec"]
+        out.append((f"Default memory options cost <= 3% of a training step ({s['num_layers']} layers, "
+                    f"d={s['hidden_size']}, T={s['seq_len']})",
+                    f"{cost['revformer']['step_s']:.2f} s vs {cost['revformer_no_chunking']['step_s']:.2f} s "
+                    f"({ratio - 1:+.1%})", "met" if ratio <= 1.03 else "missed"))
     bpb = {r["spec"]["model"]: r["val_bpb"] for r in res.get("quality", []) if r.get("mode") == "train" and r.get("ok")}
     for other in ("revformer_plain", "llama"):
         if "revformer" in bpb and other in bpb:
@@ -907,7 +937,7 @@ def memory_tables(records: list[dict[str, Any]]) -> tuple[dict[str, dict[int, in
     """From the memory suite: {variant: {length: growth bytes of one forward+backward}} and {variant: longest}."""
     growth: dict[str, dict[int, int]] = {}
     for r in ok_memory(records):
-        growth.setdefault(r["variant"], {})[r["spec"]["seq_len"]] = r["growth_bytes"]
+        growth.setdefault(variant_of(r["spec"]), {})[r["spec"]["seq_len"]] = r["growth_bytes"]
     longest = {r["variant"]: r for r in records if r.get("mode") == "longest" and "longest" in r}
     return growth, longest
 
@@ -1019,6 +1049,17 @@ def render_markdown(out: Path, res: dict[str, list[dict[str, Any]]]) -> str:
                   "Growth per doubling = activation(2T) / activation(T); linear when <= 2.2.", "",
                   growth_table(res["longseq"]), ""]
     lines += memory_markdown(res.get("memory", []))
+    cost = [r for r in res.get("cost", []) if r.get("mode") == "time" and r.get("ok")]
+    if cost:
+        s = cost[0]["spec"]
+        base = next((r["step_s"] for r in cost if variant_of(r["spec"]) == "revformer_no_chunking"), None)
+        lines += [(f"## Cost of the memory options (training step, {s['num_layers']} layers, d={s['hidden_size']}, "
+                   f"T={s['seq_len']}, vocabulary {s['vocab_size']}; median of {len(cost[0]['step_times_s'])} steps, "
+                   "interleaved)"), "", "| configuration | step (s) | vs no chunking |", "|---|---|---|"]
+        for r in cost:
+            rel = f"{r['step_s'] / base - 1:+.1%}" if base else "-"
+            lines.append(f"| {MEMORY_LABELS[variant_of(r['spec'])]} | {r['step_s']:.3f} | {rel} |")
+        lines.append("")
     quality = [r for r in res.get("quality", []) if r.get("mode") == "train" and r.get("ok")]
     if quality:
         s = quality[0]["spec"]
