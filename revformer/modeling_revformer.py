@@ -19,14 +19,15 @@ from torch import Tensor, nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import logging
 
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-from .attention import ATTENTION_FUNCTIONS, lsh_rotations
+from .attention import ATTENTION_FUNCTIONS, LSH_SELF_MASK_VALUE, lsh_buckets, lsh_rotations
 from .configuration_revformer import RevformerConfig
 from .reversible import (
     StreamCoupling,
@@ -76,7 +77,13 @@ class RevformerRotaryEmbedding(nn.Module):
     @staticmethod
     def compute_inv_freq(config: RevformerConfig, device: torch.device | None = None) -> tuple[Tensor, float]:
         """Inverse frequencies (head_dim / 2,) and the cos/sin scale (yarn's attention factor; 1 otherwise)."""
-        rope_type = config.rope_parameters["rope_type"]
+        rope_type = config.rope_parameters.get("rope_type")
+        if config.rope_parameters.get("rope_theta") is None:
+            # e.g. from_pretrained(..., rope_parameters={...}) replaces the saved dict, theta included
+            raise ValueError(
+                f"rope_parameters={config.rope_parameters} has no rope_theta; include the model's base (the saved "
+                f"config's rope_parameters['rope_theta'], 10000.0 by default) next to rope_type."
+            )
         if rope_type == "default":
             dim, base = config.head_dim, config.rope_parameters["rope_theta"]
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
@@ -105,8 +112,138 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def _causal_allowed(t_q: int, t_k: int, device: torch.device) -> Tensor:
+    """(Tq, Tk) bool: query i (at key index Tk - Tq + i) may see keys j <= its own index."""
+    return torch.arange(t_k, device=device)[None, :] <= torch.arange(t_k - t_q, t_k, device=device)[:, None]
+
+
+def _same_document(document_ids: Tensor | None, t_q: int) -> Tensor | None:
+    """(B, 1, Tq, Tk) bool: query and key lie in the same packed document; None without documents."""
+    if document_ids is None:
+        return None
+    return (document_ids[:, -t_q:, None] == document_ids[:, None, :])[:, None]
+
+
+def dense_allowed(
+    kind: str,
+    t_q: int,
+    t_k: int,
+    key_padding_mask: Tensor | None,
+    document_ids: Tensor | None,
+    config: RevformerConfig,
+    buckets: Tensor | None = None,
+) -> Tensor:
+    """Which keys each query sees under `kind`'s rule, as a dense (B|1, 1|H, Tq, Tk) bool mask.
+
+    The rules of `attention.py`'s kernels, written with (Tq, Tk) matrices for the eager path (which must materialize
+    probabilities): causal, padding never seen, and within one packed document (document_ids (B, Tk)). `local`:
+    windows of `local_chunk_length` real tokens of the document, the query's chunk and `local_num_chunks_before`
+    before it. `lsh` (buckets (B, H, R, Tk)): in some round, a key of the query's bucket among its
+    `lsh_chunk_length` most recent earlier same-bucket real tokens, or the query itself.
+    """
+    device = next((t.device for t in (key_padding_mask, buckets, document_ids) if t is not None), torch.device("cpu"))
+    allowed = _causal_allowed(t_q, t_k, device)[None, None]  # (1, 1, Tq, Tk)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :] & key_padding_mask[:, None, -t_q:, None]
+    same_doc = _same_document(document_ids, t_q)
+    if same_doc is not None:
+        allowed = allowed & same_doc
+    if kind == "full":
+        return allowed
+    # Rank of each token among the real tokens of its document (and, for lsh, of its bucket) before it.
+    full_allowed = _causal_allowed(t_k, t_k, device)[None, None]  # (1, 1, Tk, Tk)
+    if key_padding_mask is not None:
+        full_allowed = full_allowed & key_padding_mask[:, None, None, :]
+    if document_ids is not None:
+        full_allowed = full_allowed & _same_document(document_ids, t_k)
+    if kind == "local":
+        rank = full_allowed.sum(-1) - 1  # (B|1, 1, Tk)
+        chunk, before = config.local_chunk_length, config.local_num_chunks_before
+        q_chunk = (rank[..., -t_q:] // chunk)[..., :, None]
+        return allowed & (rank[..., None, :] // chunk >= q_chunk - before)
+    if kind != "lsh" or buckets is None:
+        raise ValueError(f"dense_allowed: unknown kind {kind!r} (or lsh without buckets)")
+    same = buckets[..., :, None] == buckets[..., None, :]  # (B, H, R, Tk, Tk)
+    in_bucket = full_allowed.unsqueeze(2) & same
+    rank = in_bucket.sum(-1) - 1  # (B, H, R, Tk): same-bucket real tokens of the document before each token
+    window = (rank[..., -t_q:, None] - rank[..., None, :]) <= config.lsh_chunk_length
+    seen = (same[..., -t_q:, :] & window & allowed.unsqueeze(2)).any(2)  # union over the rounds
+    is_self = torch.arange(t_k, device=device) == torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    return seen | (allowed & is_self)  # a query always sees itself (scored low: it wins only when alone)
+
+
+def revformer_eager_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    self_score: float | None = None,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """Explicit-score attention, transformers' attention-interface signature: the `eager` implementation.
+
+    query (B, H, Tq, D), key/value (B, H, Tk, D); attention_mask (B|1, 1|H, Tq, Tk) bool (True = may look) or additive
+    float, or None for causal attention with the queries at the end of the keys. `self_score` replaces each query's
+    score of its own key (the LSH rule). Returns the output (B, Tq, H, D) and the probabilities (B, H, Tq, Tk), zero
+    where a query cannot look (and for a query that sees nothing).
+    """
+    t_q, t_k = query.shape[-2], key.shape[-2]
+    scores = (query * scaling) @ key.transpose(-1, -2)
+    scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    if self_score is not None:
+        is_self = torch.arange(t_k, device=query.device) == torch.arange(t_k - t_q, t_k, device=query.device)[:, None]
+        scores = scores.masked_fill(is_self, self_score)
+    if attention_mask is None:
+        attention_mask = _causal_allowed(t_q, t_k, query.device)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        probs = scores.softmax(-1) * attention_mask.any(-1, keepdim=True)  # a row that sees nothing gives 0
+        probs = probs * attention_mask
+    else:
+        probs = (scores + attention_mask).softmax(-1)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0.0)
+    out = (probs.to(value.dtype) @ value).to(query.dtype)
+    return out.transpose(1, 2), probs.to(query.dtype)
+
+
+def _unpack_documents(document_ids: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Index maps that move each packed document of (B, T) rows into a row of its own (B * n, L), and back.
+
+    Returns `rows` (B * n, L) indices into the flattened (B * T) positions, `real` (B * n, L) bool (a real token of
+    the document there) and `back` (B * T,) indices into the flattened (B * n * L) slots.
+    """
+    batch, t = document_ids.shape
+    device = document_ids.device
+    starts = F.pad(document_ids[:, 1:] != document_ids[:, :-1], (1, 0), value=True)  # (B, T)
+    doc = starts.long().cumsum(-1) - 1  # (B, T): 0-based document index in the row
+    n = int(doc.max()) + 1
+    pos = torch.arange(t, device=device)
+    start_pos = torch.where(starts, pos, 0).cummax(-1).values  # (B, T): where each token's document starts
+    offset = pos - start_pos  # (B, T): index inside the document
+    length = int(offset.max()) + 1
+    slot = (torch.arange(batch, device=device)[:, None] * n + doc) * length + offset  # (B, T)
+    back = slot.flatten()
+    rows = torch.zeros(batch * n * length, dtype=torch.long, device=device)
+    real = torch.zeros(batch * n * length, dtype=torch.bool, device=device)
+    flat = torch.arange(batch * t, device=device)
+    rows[back] = flat
+    real[back] = True if key_padding_mask is None else key_padding_mask.flatten().bool()
+    return rows.view(batch * n, length), real.view(batch * n, length), back
+
+
 class RevformerAttention(nn.Module):
     """F: pre-normalized causal self-attention with the kernel `config.attention_layers[layer_idx]`.
+
+    `full` layers go through transformers' attention interface (`ALL_ATTENTION_FUNCTIONS.get_interface`), as
+    Llama's do: `config._attn_implementation` ("sdpa", "eager", or any kernel registered with
+    `AttentionInterface.register`) picks the kernel, `set_attn_implementation` switches it on a live model. Their
+    mask is None for plain causal attention, else a (B|1, 1, Tq, Tk) bool mask (True = may look) with padding and
+    packed-document borders. `local` and `lsh` layers run their linear-memory kernels from `attention.py`; with
+    "eager" they run as dense explicit-score attention over the same allowed keys (`dense_allowed`), which is what
+    returns their probabilities for `output_attentions`.
 
     `lsh` layers share one projection for queries and keys, as in the Reformer: hashing groups a query with the
     keys that point the same way, which only makes sense when queries and keys live in the same space. They hash with
@@ -121,6 +258,10 @@ class RevformerAttention(nn.Module):
         self.layer_idx = layer_idx
         self.kind = config.attention_layers[layer_idx]
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        # What transformers' attention functions read from the module.
+        self.is_causal = True
+        self.num_key_value_groups = 1
+        self.scaling = self.head_dim**-0.5
         d = config.hidden_size
         self.norm = RevformerRMSNorm(d, config.rms_norm_eps)
         self.q_proj = nn.Linear(d, d, bias=False)
@@ -141,10 +282,12 @@ class RevformerAttention(nn.Module):
             self._fixed_rotations = (key, rotations)
         return self._fixed_rotations[1]
 
-    def kernel_name(self) -> str:
-        # `attn_implementation="eager"` swaps the sdpa kernel of `full` layers for the explicit reference one.
-        if self.kind == "full" and self.config._attn_implementation == "eager":
-            return "eager"
+    def kernel_name(self, output_attentions: bool = False) -> str:
+        """The implementation this layer runs: `config._attn_implementation` for `full` layers, the layer's own
+        kernel for `local`/`lsh` (dense "eager" under eager); "eager" whenever probabilities are asked for."""
+        implementation = "eager" if output_attentions else (self.config._attn_implementation or "sdpa")
+        if self.kind == "full" or implementation == "eager":
+            return implementation
         return self.kind
 
     def forward(
@@ -153,8 +296,12 @@ class RevformerAttention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         key_padding_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
         cache: Cache | None = None,
+        attentions: list[Tensor] | None = None,
     ) -> Tensor:
+        """x (B, T, d) -> (B, T, d). key_padding_mask (B, T_past + T) bool; document_ids (B, T) (packed documents,
+        no cache); `attentions`, when a list, receives this layer's probabilities (B, H, T, T_past + T)."""
         batch, seq, _ = x.shape
         h = self.norm(x)
 
@@ -165,21 +312,74 @@ class RevformerAttention(nn.Module):
         k = q if self.k_proj is None else apply_rotary(heads(self.k_proj(h)), cos, sin)
         v = heads(self.v_proj(h))
         if cache is not None:  # (B, H, T_past + T, D)
+            past = int(cache.get_seq_length(self.layer_idx))  # a static cache's count is a tensor updated in place
             k, v = cache.update(k, v, self.layer_idx)
+            # A static cache returns all its slots: keep the filled ones, so queries sit at the end of the keys.
+            k, v = k[:, :, : past + seq], v[:, :, : past + seq]
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        name = self.kernel_name(output_attentions=attentions is not None)
+        if self.kind == "full" or name == "eager":
+            out, weights = self._through_interface(name, q, k, v, key_padding_mask, document_ids, dropout_p)
+            if attentions is not None:
+                attentions.append(weights)
+        else:
+            out = self._own_kernel(q, k, v, key_padding_mask, document_ids, dropout_p).transpose(1, 2)
+        out = out.reshape(batch, seq, -1)
+        return self.dropout(self.o_proj(out))
+
+    def _through_interface(
+        self, name: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        document_ids: Tensor | None, dropout_p: float,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`full` layers with any implementation, and every layer under eager: (B, Tq, H, D), probabilities."""
+        t_q, t_k = q.shape[-2], k.shape[-2]
+        extra = {}
+        if self.kind == "lsh":  # dense LSH: normalized keys, own key scored low, the kernel's buckets
+            rotations = None if self.training else self.lsh_rotations(q.device)
+            k = F.normalize(k.float(), dim=-1, eps=1e-6).to(k.dtype)
+            buckets = lsh_buckets(k, self.config.lsh_num_hashes, self.config.lsh_num_buckets, rotations)
+            allowed = dense_allowed("lsh", t_q, t_k, key_padding_mask, document_ids, self.config, buckets)
+            extra["self_score"] = LSH_SELF_MASK_VALUE
+        elif key_padding_mask is None and document_ids is None and t_q == t_k and self.kind == "full":
+            allowed = None  # plain causal: the kernel's own is_causal path
+        else:
+            allowed = dense_allowed(self.kind, t_q, t_k, key_padding_mask, document_ids, self.config)
+        row_ok = None
+        if allowed is not None and key_padding_mask is not None:
+            # A query that sees nothing (left padding) would give NaN in some kernels: let it see every key, then
+            # zero its output and probabilities.
+            row_ok = allowed.any(-1, keepdim=True)
+            allowed = allowed | ~row_ok
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(name, revformer_eager_attention)
+        out, weights = interface(self, q, k, v, allowed, dropout=dropout_p, scaling=self.scaling, **extra)
+        if row_ok is not None:
+            out = out * row_ok.squeeze(-1).transpose(1, 2).unsqueeze(-1).to(out.dtype)
+            if weights is not None:
+                weights = weights * row_ok.to(weights.dtype)
+        return out, weights
+
+    def _own_kernel(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, document_ids: Tensor | None,
+        dropout_p: float,
+    ) -> Tensor:
+        """`local` / `lsh` through their linear-memory kernels: (B, H, Tq, D). Packed documents are moved into
+        rows of their own, so each attends exactly as if it were run alone."""
         # lsh: fresh rotations from the RNG in training, the layer's fixed ones in eval mode.
         extra = {"rotations": self.lsh_rotations(q.device)} if self.kind == "lsh" and not self.training else {}
-        out = ATTENTION_FUNCTIONS[self.kernel_name()](
-            q,
-            k,
-            v,
-            key_padding_mask=key_padding_mask,
-            dropout_p=self.config.attention_dropout if self.training else 0.0,
-            scale=self.head_dim**-0.5,
-            config=self.config,
-            **extra,
-        )  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(batch, seq, -1)
-        return self.dropout(self.o_proj(out))
+        kernel = ATTENTION_FUNCTIONS[self.kind]
+        call = dict(dropout_p=dropout_p, scale=self.scaling, config=self.config, **extra)
+        if document_ids is None:
+            return kernel(q, k, v, key_padding_mask=key_padding_mask, **call)
+        batch, heads, t, dim = q.shape
+        rows, real, back = _unpack_documents(document_ids, key_padding_mask)
+
+        def unpack(x: Tensor) -> Tensor:  # (B, H, T, D) -> (B * n, H, L, D)
+            flat = x.transpose(0, 1).reshape(heads, batch * t, dim)
+            return flat[:, rows].permute(1, 0, 2, 3)
+
+        out = kernel(unpack(q), unpack(k), unpack(v), key_padding_mask=real, **call)  # (B * n, H, L, D)
+        out = out.permute(1, 0, 2, 3).reshape(heads, -1, dim)[:, back]  # (H, B * T, D)
+        return out.view(heads, batch, t, dim).transpose(0, 1)
 
 
 class RevformerFeedForward(nn.Module):
@@ -235,9 +435,11 @@ class RevformerBlock(GradientCheckpointingLayer):
         cos: Tensor,
         sin: Tensor,
         key_padding_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
         *,
         cache: Cache | None = None,
         coupling: StreamCoupling | None = None,
+        attentions: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The plain (non-reversible) path, with standard autograd.
 
@@ -245,7 +447,8 @@ class RevformerBlock(GradientCheckpointingLayer):
         checkpointing only propagates gradients through positional inputs, and it drops a keyword `cache`.
         """
         coupling = coupling or StreamCoupling()
-        y1 = coupling.add(x1, self.f(coupling.read(x2), cos, sin, key_padding_mask, cache))  # y1 = x1 + F(x2)
+        f_out = self.f(coupling.read(x2), cos, sin, key_padding_mask, document_ids, cache, attentions)
+        y1 = coupling.add(x1, f_out)  # y1 = x1 + F(x2)
         y2 = coupling.add(x2, self.g(coupling.read(y1)))  # y2 = x2 + G(y1)
         return y1, y2
 
@@ -262,6 +465,8 @@ class RevformerPreTrainedModel(PreTrainedModel):
     # units that FSDP must gather (and device maps must keep whole).
     _no_split_modules = ["RevformerAttention", "RevformerFeedForward"]
     _supports_sdpa = True
+    # Padding-free batches: position_ids restarting inside a row mark packed documents, which never see each other.
+    _supports_attention_backend = True
 
     def _activation_checkpointing_enable(self, *args, **kwargs) -> None:
         if self.config.reversible:
@@ -337,6 +542,18 @@ class RevformerModel(RevformerPreTrainedModel):
             x1, x2 = reconstruct_inputs(y1, y2, self.layers, aux, self.coupling, contexts)
         return max((x1.double() - x.double()).abs().max().item(), (x2.double() - x.double()).abs().max().item())
 
+    @staticmethod
+    def _padding_from_4d_mask(mask: Tensor, cache: Cache | None) -> Tensor:
+        """(B, T_past + T) padding mask from a 4D causal mask (B, 1, Tq, Tk), as generate() builds for a static cache.
+
+        Revformer's kernels take padding, not arbitrary masks: the last query row of a causal mask sees exactly the
+        real keys so far, and a static cache's unfilled slots beyond them are dropped.
+        """
+        last = mask[:, 0, -1, :]
+        real = last if last.dtype == torch.bool else last == 0  # additive masks: 0 where allowed
+        seen = int(cache.get_seq_length()) if cache is not None else 0
+        return real[:, : seen + mask.shape[-2]].long()
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -348,14 +565,18 @@ class RevformerModel(RevformerPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         cache = cache if cache is not None else past_key_values
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = self._padding_from_4d_mask(attention_mask, cache)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache is None:
             # A KV cache only when one is passed or asked for (generate does both): an evaluation forward would
@@ -367,7 +588,7 @@ class RevformerModel(RevformerPreTrainedModel):
             cache = DynamicCache(config=self.config)
 
         batch, seq = inputs_embeds.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
+        past = int(cache.get_seq_length()) if cache is not None else 0  # a copy: static caches count in place
         limit = self.config.max_position_embeddings
         if self.config.rope_parameters["rope_type"] == "dynamic":  # dynamic NTK scaling extends beyond it at run time
             limit = int(limit * self.config.rope_parameters["factor"])
@@ -380,6 +601,10 @@ class RevformerModel(RevformerPreTrainedModel):
                 f"{self.config.max_position_embeddings}}} and max_position_embeddings="
                 f"{4 * self.config.max_position_embeddings})."
             )
+        document_ids = None  # (B, T): packed documents, from position_ids that restart (padding-free batches)
+        unpadded = attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))
+        if position_ids is not None and past == 0 and cache is None and unpadded:
+            document_ids = find_packed_sequence_indices(position_ids.expand(batch, -1))
         if position_ids is None and attention_mask is not None and attention_mask.shape == (batch, past + seq):
             # Count positions over real tokens, as generate() does: a left-padded row then gets its unpadded
             # positions (which `lsh` hashing depends on, not just relative offsets).
@@ -395,14 +620,20 @@ class RevformerModel(RevformerPreTrainedModel):
         x1 = x2 = self.coupling.encode(inputs_embeds)
         decode = self.coupling.decode
         hidden_states: list[Tensor] = [decode(x1)] if output_hidden_states else []
-        reversible = self.config.reversible and torch.is_grad_enabled() and cache is None and not output_hidden_states
+        attentions: list[Tensor] | None = [] if output_attentions else None
+        reversible = (
+            self.config.reversible and torch.is_grad_enabled() and cache is None
+            and not output_hidden_states and not output_attentions
+        )  # fmt: skip
         if reversible:
-            x1, x2 = reversible_stack(
-                x1, x2, self.layers, (cos, sin, key_padding_mask), self.coupling, self.uses_randomness()
-            )
+            aux = (cos, sin, key_padding_mask) if document_ids is None else (cos, sin, key_padding_mask, document_ids)
+            x1, x2 = reversible_stack(x1, x2, self.layers, aux, self.coupling, self.uses_randomness())
         else:
             for block in self.layers:  # each block checkpoints itself when enabled (GradientCheckpointingLayer)
-                x1, x2 = block(x1, x2, cos, sin, key_padding_mask, cache=cache, coupling=self.coupling)
+                x1, x2 = block(
+                    x1, x2, cos, sin, key_padding_mask, document_ids,
+                    cache=cache, coupling=self.coupling, attentions=attentions,
+                )  # fmt: skip
                 if output_hidden_states:
                     hidden_states.append((decode(x1) + decode(x2)) / 2)
 
@@ -411,6 +642,7 @@ class RevformerModel(RevformerPreTrainedModel):
             last_hidden_state=hidden,
             cache=cache if use_cache else None,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -540,6 +772,7 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
         logits_to_keep: int | Tensor = 0,
         past_key_values: Cache | None = None,
         num_items_in_batch: int | Tensor | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Next-token logits and, given `labels` (the input ids, shifted inside), the mean cross-entropy.
@@ -557,6 +790,7 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         hidden = outputs.last_hidden_state  # (B, T, d)
@@ -571,7 +805,8 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
             full = logits if logits is not None and logits.shape[1] == hidden.shape[1] else None
             loss = causal_lm_loss(hidden, self.lm_head, labels, chunk, num_items_in_batch, logits=full)
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 

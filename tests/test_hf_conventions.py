@@ -141,6 +141,9 @@ def test_yarn_runs_a_short_trained_model_four_times_longer(tmp_path):
     model = RevformerForCausalLM(tiny_config(max_position_embeddings=64))
     model.save_pretrained(tmp_path)
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    with pytest.raises(ValueError, match="has no rope_theta"):  # a replaced dict must carry the base: say so
+        RevformerForCausalLM.from_pretrained(tmp_path, max_position_embeddings=256, rope_parameters=dict(yarn))
+    yarn["rope_theta"] = 10000.0
     long = RevformerForCausalLM.from_pretrained(tmp_path, max_position_embeddings=256, rope_parameters=yarn)
     assert long.config.rope_parameters["rope_theta"] == 10000.0
     expected, _ = ROPE_INIT_FUNCTIONS["yarn"](long.config, None)
@@ -175,3 +178,258 @@ def test_rope_theta_configs_keep_loading(tmp_path):
 def test_bad_rope_parameters_name_the_problem():
     with pytest.raises(Exception, match="factor"):
         tiny_config(rope_parameters={"rope_type": "yarn"})
+
+
+# --- attention implementations and attention weights ------------------------------------------------------------
+
+KINDS = {"full": "full", "local": "local", "lsh": "lsh", "mixed": ["full", "local", "lsh"]}
+
+
+def _model(kinds="full", **overrides) -> RevformerForCausalLM:
+    """Small windows so that local/lsh rules really differ from full attention at these lengths."""
+    layers = 3 if isinstance(kinds, list) else 2
+    config = tiny_config(attention_layers=kinds, num_hidden_layers=layers, local_chunk_length=4, lsh_chunk_length=3,
+                         lsh_num_buckets=4, **overrides)  # fmt: skip
+    torch.manual_seed(0)
+    return RevformerForCausalLM(config).eval()
+
+
+def _left_padded(batch=2, length=20, pad=5):
+    ids = torch.randint(3, 128, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :pad] = 0
+    return ids, mask
+
+
+def test_set_attn_implementation_switches_every_full_layer_and_runs_registered_kernels():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("revformer_test_counting", counting)
+    model = _model(["full", "local", "full"])
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("revformer_test_counting")
+        assert model.config._attn_implementation == "revformer_test_counting"
+        switched = model(ids, attention_mask=mask).logits
+    assert calls == [0, 2]  # every full layer, through the interface; the local layer keeps its own kernel
+    torch.testing.assert_close(switched, reference)
+    eager_calls = []
+    model.set_attn_implementation("eager")
+    layer = model.model.layers[0].attention
+    layer.register_forward_hook(lambda *_: eager_calls.append(layer.kernel_name()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, reference, rtol=1e-5, atol=1e-5)
+    assert eager_calls == ["eager"]
+    with pytest.raises(ValueError, match="not supported"):
+        model.set_attn_implementation("no_such_kernel")
+
+
+def test_from_pretrained_attn_implementation(tmp_path):
+    _model().save_pretrained(tmp_path)
+    for implementation in ("eager", "sdpa"):
+        loaded = RevformerForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation)
+        assert loaded.config._attn_implementation == implementation
+        assert loaded.model.layers[0].attention.kernel_name() == implementation
+
+
+@pytest.mark.parametrize("kinds", sorted(KINDS))
+def test_eager_materializes_every_kernel_and_agrees_with_it(kinds):
+    """Under eager, local/lsh layers run as dense attention over the same keys their linear-memory kernels see:
+    the logits agree (left padding included), and so do hidden states and loss of a training step."""
+    model = _model(KINDS[kinds])
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        kernels = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("eager")
+        dense = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(dense[real], kernels[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kinds", sorted(KINDS))
+def test_output_attentions_are_the_probabilities_the_layer_used(kinds):
+    """One (B, H, Tq, Tk) tensor per layer; rows sum to 1 over the keys a query may see and are 0 elsewhere
+    (future keys, padding, keys outside a local window); requesting them changes no logit, and the probabilities
+    rebuild the attention output exactly."""
+    model = _model(KINDS[kinds])
+    config = model.config
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask)
+        out = model(ids, attention_mask=mask, output_attentions=True)
+    assert plain.attentions is None
+    assert len(out.attentions) == config.num_hidden_layers
+    torch.testing.assert_close(out.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    for layer, probs in zip(model.model.layers, out.attentions):
+        assert probs.shape == (2, config.num_attention_heads, 20, 20)
+        future = torch.ones(20, 20, dtype=torch.bool).triu(1)
+        assert (probs[..., future] == 0).all()
+        assert (probs[0, :, :, :5] == 0).all() and (probs[0, :, :5, :] == 0).all()  # padding keys and queries
+        sums = probs.sum(-1)
+        torch.testing.assert_close(sums[0, :, 5:], torch.ones_like(sums[0, :, 5:]))
+        torch.testing.assert_close(sums[1], torch.ones_like(sums[1]))
+        if layer.attention.kind == "local":  # query 13 (row 1) is in chunk 3 of 4 tokens: keys 8..13 only
+            assert (probs[1, :, 13, :8] == 0).all() and (probs[1, :, 13, 8:14] > 0).all()
+    # The weights are what the layer applied: re-run layer 0's value path with them.
+    attention = model.model.layers[0].attention
+    captured = {}
+    attention.register_forward_hook(lambda mod, args, output: captured.update(x=args[0], cos=args[1], sin=args[2]))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        h = attention.norm(captured["x"])
+        v = attention.v_proj(h).view(2, 20, 4, -1).transpose(1, 2)
+        rebuilt = attention.o_proj((out.attentions[0] @ v).transpose(1, 2).reshape(2, 20, -1))
+        expected = attention(captured["x"], captured["cos"], captured["sin"], mask.bool())
+    torch.testing.assert_close(rebuilt, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_output_attentions_from_config_and_in_training():
+    """`config.output_attentions` turns them on (ModelTesterMixin.test_attention_outputs), and a training forward
+    that asks for them runs the plain path with the same loss and gradients as the reversible engine."""
+    model = _model(KINDS["mixed"], output_attentions=True)
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        assert len(model(ids).attentions) == 3
+    model.config.output_attentions = False
+    model.train()
+    torch.manual_seed(1)
+    reference = model(ids, labels=ids)
+    reference.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.manual_seed(1)
+    out = model(ids, labels=ids, output_attentions=True)
+    out.loss.backward()
+    assert len(out.attentions) == 3 and out.attentions[0].requires_grad
+    assert abs(out.loss.item() - reference.loss.item()) < 1e-5
+    for name, grad in grads.items():
+        assert relative_error(model.get_parameter(name).grad, grad) < 1e-4, name
+
+
+def _check_generate_attentions(output, batch, prompt, new_tokens, config):
+    """GenerationTesterMixin._check_attentions_for_generate: one tuple per step, one tensor per layer,
+    (B, H, new queries, keys so far)."""
+    assert len(output.attentions) == new_tokens
+    keys = prompt
+    for step, per_layer in enumerate(output.attentions):
+        assert len(per_layer) == config.num_hidden_layers
+        queries = prompt if step == 0 else 1
+        keys = prompt if step == 0 else keys + 1
+        for probs in per_layer:
+            assert probs.shape == (batch, config.num_attention_heads, queries, keys)
+
+
+@pytest.mark.parametrize("kinds", ["full", "mixed"])
+def test_generate_returns_attentions_for_greedy_assisted_and_prompt_lookup(kinds):
+    model = _model(KINDS[kinds], initializer_range=0.5)
+    ids = torch.randint(3, 128, (1, 7))
+    common = dict(do_sample=False, pad_token_id=0, max_new_tokens=6, return_dict_in_generate=True,
+                  output_attentions=True)  # fmt: skip
+    greedy = model.generate(ids, **common)
+    _check_generate_attentions(greedy, 1, 7, 6, model.config)
+    reference = model.generate(ids, do_sample=False, pad_token_id=0, max_new_tokens=6)
+    assert torch.equal(greedy.sequences, reference)  # asking for attentions changes no token
+    assistant = _model(KINDS[kinds], initializer_range=0.5)
+    torch.manual_seed(3)
+    assistant.model.embed_tokens.weight.data.normal_(std=0.5)  # a different draft model: some drafts rejected
+    for extra in (dict(assistant_model=assistant), dict(prompt_lookup_num_tokens=2)):
+        out = model.generate(ids, **common, **extra)
+        assert torch.equal(out.sequences, reference), extra
+        assert len(out.attentions) == 6  # one entry per new token, as for greedy search
+        for per_layer in out.attentions:
+            assert len(per_layer) == model.config.num_hidden_layers
+            assert all(p.dim() == 4 and p.shape[:2] == (1, model.config.num_attention_heads) for p in per_layer)
+
+
+# --- static cache and torch.compile -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kinds", ["full", "mixed"])
+def test_static_cache_generates_the_dynamic_cache_tokens(kinds):
+    model = _model(KINDS[kinds], initializer_range=0.5)
+    ids, mask = _left_padded(batch=2, length=9, pad=3)
+    common = dict(attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=8)
+    reference = model.generate(ids, **common)
+    assert len(set(reference[1, 9:].tolist())) > 2  # a meaningful reference
+    static = model.generate(ids, cache_implementation="static", **common)
+    assert torch.equal(static, reference)
+
+
+def test_compiled_model_generates_the_eager_tokens_and_fullgraph_is_declared_honestly():
+    """A torch.compile'd forward (dynamo; the "eager" backend keeps the CPU test short) generates exactly the eager
+    tokens with a static cache. `_can_compile_fullgraph` is False, and truly so: the forward has data-dependent
+    branches (padding, packed documents, the cache length), which fullgraph compilation refuses; so generate() does
+    not auto-compile it, as it would Llama."""
+    model = _model(KINDS["mixed"], initializer_range=0.5)
+    assert model._can_compile_fullgraph is False
+    ids = torch.randint(3, 128, (1, 7))
+    common = dict(do_sample=False, pad_token_id=0, max_new_tokens=5, cache_implementation="static")
+    reference = model.generate(ids, **common)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager")
+    assert torch.equal(model.generate(ids, **common), reference)
+    torch._dynamo.reset()
+    full = torch.compile(RevformerForCausalLM.forward.__get__(model), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"attention_mask\.all\(\)"):  # the padding check, a data-dependent branch
+        full(ids, attention_mask=torch.ones_like(ids))
+    torch._dynamo.reset()
+
+
+# --- packed documents (padding-free position_ids) ----------------------------------------------------------------
+
+
+def _packed(lengths=(7, 12, 5), rows=1):
+    docs = [torch.randint(3, 128, (1, n)) for n in lengths * rows]
+    ids = torch.cat(docs, 1).view(rows, -1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths * rows]).view(rows, -1)
+    return docs, ids, position_ids
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("kinds", sorted(KINDS))
+def test_packed_documents_do_not_see_each_other(kinds, implementation):
+    """With position_ids restarting at each document (transformers' padding-free convention), every kernel gives
+    each document exactly the logits it gets alone; without them the documents see each other."""
+    model = _model(KINDS[kinds], attn_implementation=implementation)
+    docs, ids, position_ids = _packed(rows=2)
+    with torch.no_grad():
+        packed = model(ids, position_ids=position_ids).logits
+        alone = torch.cat([model(d).logits for d in docs], 1).view(2, ids.shape[1], -1)
+        joined = model(ids).logits
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(joined[:, 7:], alone[:, 7:], atol=1e-3)
+
+
+@pytest.mark.parametrize("reversible", [True, False])
+@pytest.mark.parametrize("kinds", ["full", "mixed"])
+def test_packed_loss_and_gradients_equal_documents_run_separately(kinds, reversible):
+    """Training on a packed row (labels -100 at each document's first token, as DataCollatorWithFlattening makes
+    them) gives the token-weighted loss and gradients of the documents run one by one."""
+    model = _model(KINDS[kinds], reversible=reversible).train()
+    if kinds == "mixed":  # lsh draws fresh rotations per training forward: its fixed eval ones make runs comparable
+        model.model.layers[2].attention.training = False
+    docs, ids, position_ids = _packed()
+    labels = ids.clone()
+    labels[position_ids == 0] = -100
+    model.zero_grad()
+    packed = model(ids, position_ids=position_ids, labels=labels).loss
+    packed.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total, count = 0.0, 0
+    for d in docs:
+        n = d.shape[1] - 1
+        loss = model(d, labels=d).loss * n
+        loss.backward()
+        total, count = total + loss.item(), count + n
+    assert abs(packed.item() - total / count) < 1e-5
+    for name, grad in packed_grads.items():
+        assert relative_error(grad, model.get_parameter(name).grad / count) < 1e-4, name
