@@ -347,6 +347,8 @@ def save_model_folder(
             with torch.device("meta"):
                 saver = RevformerForCausalLM(unwrapped.config)
         saver.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        # The tokenizer then truncates/warns at the model's real limit (a fresh tokenizer says 1e30, i.e. none).
+        tokenizer.model_max_length = unwrapped.config.max_position_embeddings
         tokenizer.save_pretrained(folder)
         save_run_config(run, folder / "train_config.yaml")
         (folder / "README.md").write_text(model_card(run, unwrapped, metrics))

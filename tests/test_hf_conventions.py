@@ -433,3 +433,43 @@ def test_packed_loss_and_gradients_equal_documents_run_separately(kinds, reversi
     assert abs(packed.item() - total / count) < 1e-5
     for name, grad in packed_grads.items():
         assert relative_error(grad, model.get_parameter(name).grad / count) < 1e-4, name
+
+
+# --- tokenizer folder -------------------------------------------------------------------------------------------
+
+
+def test_saved_tokenizer_knows_the_model_length_and_autotokenizer_loads_it_without_a_prompt(tmp_path):
+    """The trainer's model folder: tokenizer_config.json says model_max_length = max_position_embeddings (a fresh
+    tokenizer says 1e30), and AutoTokenizer.from_pretrained(folder) loads the same tokenizer in a fresh process,
+    asking nothing. transformers 5.24's AutoTokenizer reads the folder's config.json first, whose auto_map names
+    revformer's config code: with revformer imported (its Auto classes registered) nothing is asked; without it,
+    trust_remote_code=False loads the tokenizer without asking (with neither, transformers prompts for the config
+    code, as for any custom-code model)."""
+    import json
+    import subprocess
+    import sys
+
+    from accelerate import Accelerator
+
+    from revformer.config import load_run_config
+    from revformer.tokenizer import byte_tokenizer
+    from revformer.trainer import save_model_folder
+
+    run = load_run_config(None, ["--data.block_size", "64"])
+    tokenizer = byte_tokenizer()
+    assert tokenizer.model_max_length > 1e20
+    save_model_folder(Accelerator(cpu=True), _model(), tokenizer, run, tmp_path, {})
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == 256
+    text = "def f(x):\n    return x  # é"
+    expected = byte_tokenizer()(text)["input_ids"]
+    for prelude, kwargs in (("import revformer", ""), ("", "trust_remote_code=False")):
+        code = (
+            f"{prelude}\nfrom transformers import AutoTokenizer\n"
+            f"t = AutoTokenizer.from_pretrained({str(tmp_path)!r}, {kwargs})\n"
+            f"print(t.model_max_length, t({text!r})['input_ids'])"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=120, cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "Do you wish to run the custom code" not in done.stdout + done.stderr
+        assert done.stdout.strip() == f"256 {expected}"
