@@ -408,9 +408,9 @@ class Check:
         # against Llama +/- checkpointing at the suite's realistic vocabulary. Dry run: one Llama worker.
         if self.dry:
             defaults = dict(getattr(benchmark.DEFAULTS["cpu"], "memory", {}) or {})
-            return self.benchmark("memory", budget, "llama", sizes={**shrink(defaults), "longest": False})
+            return self.benchmark("memory", budget, "llama", sizes={**shrink(defaults), "longest": []})
         return self.benchmark("memory", budget, "revformer,llama,llama_ckpt",
-                              sizes={"lengths": [32768], "longest": False})
+                              sizes={"lengths": [32768], "longest": []})  # []: no variant searched
 
     # -- 4. longest-sequence targets
     def stage_length(self, budget: float) -> dict[str, Any]:
