@@ -39,7 +39,14 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from .config import ConfigError, RunConfig, save_run_config
-from .data import DataError, bits_per_byte, build_dataloader, check_block_size, prepare_datasets
+from .data import (
+    DataError,
+    bits_per_byte,
+    build_dataloader,
+    check_block_size,
+    document_position_ids,
+    prepare_datasets,
+)
 from .modeling_revformer import RevformerForCausalLM
 from .tokenizer import get_tokenizer, load_tokenizer
 
@@ -209,22 +216,36 @@ def sample_blocks(blocks: Any, count: int, seed: int = 0) -> Any:
     return blocks.select(np.sort(chosen))
 
 
-def sequence_nats(model: torch.nn.Module, ids: torch.Tensor, chunked_loss: bool) -> torch.Tensor:
+def block_position_ids(model: torch.nn.Module, ids: torch.Tensor, document_attention: bool) -> torch.Tensor | None:
+    """position_ids restarting at each document of the packed blocks (data.document_attention), else None."""
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if not document_attention or not isinstance(eos, int):
+        return None
+    return document_position_ids(ids, eos)
+
+
+def sequence_nats(
+    model: torch.nn.Module, ids: torch.Tensor, chunked_loss: bool, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Summed next-token cross-entropy (nats) of each sequence in `ids`, as float64, shape (B,)."""
     if chunked_loss:
         # One block at a time through the chunked loss: full-sequence logits are what chunking avoids.
-        return torch.stack([model(input_ids=row, labels=row).loss.double() * (ids.shape[1] - 1) for row in ids.split(1)])
-    logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
+        rows = position_ids.split(1) if position_ids is not None else [None] * ids.shape[0]
+        return torch.stack([model(input_ids=row, labels=row, position_ids=pos).loss.double() * (ids.shape[1] - 1)
+                            for row, pos in zip(ids.split(1), rows)])  # fmt: skip
+    logits = model(input_ids=ids, position_ids=position_ids).logits[:, :-1]  # (B, T-1, V)
     per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
     return per_token.view(ids.shape[0], -1).sum(1).double()
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, blocks: Any, accelerator: Accelerator, batch_size: int, prefix: str = "eval/"
+    model: torch.nn.Module, blocks: Any, accelerator: Accelerator, batch_size: int, prefix: str = "eval/",
+    document_attention: bool = True,
 ) -> dict[str, float]:
     """Loss (nats/token), perplexity and, when blocks carry `num_bytes`, bits per byte over every block in
-    `blocks`, summed over all processes' shards. `scripts/evaluate.py` calls exactly this."""
+    `blocks`, summed over all processes' shards. `scripts/evaluate.py` calls exactly this. With
+    `document_attention` (data.document_attention, as in training) attention stays inside each document."""
     model.eval()
     loader = accelerator.prepare_data_loader(
         build_dataloader(blocks, batch_size, seed=0, shuffle=False, drop_last=False)
@@ -234,7 +255,8 @@ def evaluate(
     for batch in loader:
         ids = batch["input_ids"]
         with accelerator.autocast():
-            nats = sequence_nats(model, ids, chunked_loss)  # (B,)
+            position_ids = block_position_ids(accelerator.unwrap_model(model), ids, document_attention)
+            nats = sequence_nats(model, ids, chunked_loss, position_ids)  # (B,)
         predicted = torch.full_like(nats, ids.shape[1] - 1)
         nbytes = batch["num_bytes"].to(torch.float64) if "num_bytes" in batch else torch.zeros_like(nats)
         stats = torch.stack([nats, predicted, nbytes], dim=1)  # (B, 3)
@@ -570,6 +592,11 @@ def setup(run: RunConfig) -> Session:
         train_blocks, val_blocks = prepare_datasets(run.data, tokenizer)
     model = build_model(run, tokenizer)
     if run.train.compile:
+        # The reversible re-run must replay the forward's dropout draws; a sublayer that falls back to eager after
+        # dynamo's recompile limit draws different masks and the gradients go wrong silently. Allow the variants a
+        # stack needs (attention kinds x grad mode x train/eval x shapes) and fail loudly past them.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
         for block in model.model.layers:
             block.attention.compile()
             block.feed_forward.compile()
@@ -620,7 +647,10 @@ def train_step(s: Session) -> tuple[torch.Tensor, float]:
     for _ in range(accum):
         batch = next(s.batches)
         with accelerator.accumulate(s.model):
-            loss = s.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            position_ids = block_position_ids(
+                accelerator.unwrap_model(s.model), batch["input_ids"], run.data.document_attention
+            )
+            loss = s.model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=position_ids).loss
             if not math.isfinite(accelerator.reduce(loss.detach(), "sum").item()):
                 raise NonFiniteError(f"loss {loss.item()}", s.step + 1)
             accelerator.backward(loss)
@@ -669,16 +699,19 @@ def evaluate_during_training(s: Session) -> dict[str, float]:
     blocks = s.val_blocks
     if cap is not None:
         blocks = sample_blocks(s.val_blocks, cap * s.run.train.batch_size, seed=s.run.train.seed)
-    return evaluate(s.model, blocks, s.accelerator, s.run.train.batch_size)
+    return evaluate(s.model, blocks, s.accelerator, s.run.train.batch_size,
+                    document_attention=s.run.data.document_attention)
 
 
 def final_evaluation(s: Session) -> dict[str, float]:
     """The whole validation split (what scripts/evaluate.py reports for the saved model), and the same loss on an
     equal number of training blocks, computed the same way (eval mode, same code), to compare them fairly."""
-    metrics = evaluate(s.model, s.val_blocks, s.accelerator, s.run.train.batch_size)
+    documents = s.run.data.document_attention
+    metrics = evaluate(s.model, s.val_blocks, s.accelerator, s.run.train.batch_size, document_attention=documents)
     count = len(s.val_blocks) if hasattr(s.val_blocks, "__len__") else 512
     train_sample = sample_blocks(s.train_blocks, count, seed=s.run.train.seed)
-    train_metrics = evaluate(s.model, train_sample, s.accelerator, s.run.train.batch_size, prefix="eval/train_")
+    train_metrics = evaluate(s.model, train_sample, s.accelerator, s.run.train.batch_size, prefix="eval/train_",
+                             document_attention=documents)
     return metrics | {"eval/train_loss": train_metrics["eval/train_loss"]}
 
 

@@ -1042,8 +1042,9 @@ def render_markdown(out: Path, res: dict[str, list[dict[str, Any]]]) -> str:
             first = "> cap" if r["capped"] else r["first_failing"]
             lines.append(f"| {LABELS[r['model']]} | {r['longest']} | {first} | {rel} | {probes} |")
         lines.append("")
-    if res.get("longseq"):
-        s = res["longseq"][0]["spec"]
+    longseq = [r for r in res.get("longseq", []) if "spec" in r]  # not the suite's summary line
+    if longseq:
+        s = longseq[0]["spec"]
         lines += [(f"## Long sequences: revformer peak memory (MiB) by attention kind (d={s['hidden_size']}, "
                   f"{s['num_layers']} layers, chunk length {s['attn_chunk']})"), "",
                   "Growth per doubling = activation(2T) / activation(T); linear when <= 2.2.", "",
