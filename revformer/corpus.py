@@ -69,6 +69,9 @@ class DataConfig:
     text_column: str = "text"  # column holding the text in jsonl/parquet/hub data
     streaming: bool = False  # stream instead of materializing (corpora larger than disk or memory)
     block_size: int = 1024  # tokens per packed training example
+    # Attention stays inside each document of a packed block: position_ids restart after every EOS, and the model
+    # masks attention across those borders (transformers' padding-free convention).
+    document_attention: bool = True
     num_proc: int = 1  # processes for loading/tokenizing (ignored when streaming)
     max_train_documents: int | None = None  # cap on training documents for quick runs
     tokenizer: str = "bpe"  # "bpe" (train one) | "byte" | path or hub id of an existing tokenizer

@@ -301,6 +301,18 @@ def collate_blocks(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def document_position_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Positions (B, T) that restart after every EOS: each document of a packed block counts from 0.
+
+    Passed as ``position_ids``, they tell the model where documents begin, so attention stays inside each one
+    (transformers' padding-free convention). A block that starts inside a document counts from its first token.
+    """
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    after_eos = torch.nn.functional.pad(input_ids[:, :-1] == eos_token_id, (1, 0), value=False)
+    starts = torch.where(after_eos, positions, 0).cummax(dim=-1).values  # start of each token's document
+    return positions - starts
+
+
 def build_dataloader(
     dataset: Any,
     batch_size: int,
@@ -354,6 +366,7 @@ __all__ = [
     "build_dataloader",
     "check_block_size",
     "collate_blocks",
+    "document_position_ids",
     "is_held_out",
     "load_test_texts",
     "load_text_splits",

@@ -24,7 +24,7 @@ from revformer.trainer import evaluate, sample_blocks
 
 # The options that change what or how evaluate.py scores; any other key has no effect here and is refused.
 ACCEPTED = {"data": {"dataset", "dataset_config", "validation_split", "validation_fraction", "text_column",
-                     "streaming", "block_size", "num_proc", "cache_dir", "train_split"},
+                     "streaming", "block_size", "num_proc", "cache_dir", "train_split", "document_attention"},
             "train": {"batch_size", "mixed_precision", "eval_batches", "seed"}}
 
 
@@ -68,7 +68,8 @@ def main() -> None:
             blocks = sample_blocks(blocks, run.train.eval_batches * run.train.batch_size, seed=run.train.seed)
             what += f", a fixed random sample of {run.train.eval_batches} batches"
         model = accelerator.prepare(model)
-        metrics = evaluate(model, blocks, accelerator, run.train.batch_size)
+        metrics = evaluate(model, blocks, accelerator, run.train.batch_size,
+                           document_attention=run.data.document_attention)
     except (ConfigError, DataError) as err:
         sys.exit(f"error: {err}")
     if accelerator.is_main_process:

@@ -473,3 +473,53 @@ def test_saved_tokenizer_knows_the_model_length_and_autotokenizer_loads_it_witho
         assert done.returncode == 0, done.stderr
         assert "Do you wish to run the custom code" not in done.stdout + done.stderr
         assert done.stdout.strip() == f"256 {expected}"
+
+
+# --- packing with document boundaries in the data pipeline and the trainer ---------------------------------------
+
+
+def test_document_position_ids_restart_after_every_eos():
+    from revformer.data import document_position_ids
+
+    ids = torch.randint(3, 128, (3, 40))
+    ids[0, [5, 6, 20]] = 2
+    ids[1, -1] = 2
+    ids[2, 0] = 2
+    expected = torch.zeros_like(ids)
+    for b in range(3):
+        position = 0
+        for t in range(40):
+            expected[b, t] = position
+            position = 0 if ids[b, t] == 2 else position + 1
+    assert torch.equal(document_position_ids(ids, 2), expected)
+
+
+def test_evaluation_keeps_attention_inside_documents_as_training_does():
+    """`evaluate` (the trainer's and scripts/evaluate.py's number) scores packed blocks with position_ids restarting
+    after each EOS when data.document_attention is on (the default), i.e. the model's no-cross-document attention;
+    off, the documents of a block see each other."""
+    from accelerate import Accelerator
+    from datasets import Dataset
+
+    from revformer.config import load_run_config
+    from revformer.data import document_position_ids
+    from revformer.trainer import evaluate
+
+    assert load_run_config(None, []).data.document_attention is True
+    model = _model(KINDS["mixed"])  # eos_token_id = 2
+    ids = torch.randint(3, 128, (4, 32))
+    ids[:, [9, 21]] = 2
+    blocks = Dataset.from_dict({"input_ids": ids.tolist()})
+
+    def reference(position_ids):
+        model.eval()  # evaluate() leaves the model in training mode
+        with torch.no_grad():
+            logits = model(ids, position_ids=position_ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+
+    accelerator = Accelerator(cpu=True)
+    with_documents = evaluate(model, blocks, accelerator, batch_size=2)["eval/loss"]
+    without = evaluate(model, blocks, accelerator, batch_size=2, document_attention=False)["eval/loss"]
+    assert abs(with_documents - reference(document_position_ids(ids, 2))) < 1e-5
+    assert abs(without - reference(None)) < 1e-5
+    assert abs(with_documents - without) > 1e-4
