@@ -475,6 +475,27 @@ def test_saved_tokenizer_knows_the_model_length_and_autotokenizer_loads_it_witho
         assert done.stdout.strip() == f"256 {expected}"
 
 
+
+@pytest.mark.parametrize("kinds", sorted(KINDS))
+def test_padding_free_batch_from_transformers_collator_matches_the_padded_batch(kinds):
+    """As ModelTesterMixin's padding-free test: a left-padded batch and the same sequences flattened by
+    DataCollatorWithFlattening (position_ids, no attention_mask) give the same logits and loss."""
+    from transformers import DataCollatorWithFlattening
+
+    model = _model(KINDS[kinds])
+    ids, mask = _left_padded(batch=3, length=18, pad=6)
+    mask[2, :3] = 0
+    features = [{"input_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask)]
+    flat = DataCollatorWithFlattening(return_tensors="pt")(features)
+    labels = ids.masked_fill(~mask.bool(), -100)
+    labels[torch.arange(3), mask.argmax(-1)] = -100  # a first token has no prediction (the collator's -100)
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask, labels=labels)
+        free = model(flat["input_ids"], position_ids=flat["position_ids"], labels=flat["labels"])
+    torch.testing.assert_close(free.logits[0], padded.logits[mask.bool()], rtol=1e-5, atol=1e-5)
+    assert abs(free.loss.item() - padded.loss.item()) < 1e-5
+
+
 # --- packing with document boundaries in the data pipeline and the trainer ---------------------------------------
 
 
