@@ -294,7 +294,7 @@ class ChunkedFunction(torch.autograd.Function):
         if hint is not None and hint.grad.shape[:2] != x.shape[:2]:
             hint = None  # announced for an output of another shape: not ours
         if hint is None:
-            out = torch.cat([fn(x[:, piece]) for piece in _pieces(x.shape[1], chunk_size)], dim=1)
+            out = _in_chunks(fn, x, chunk_size)
             ctx.save_for_backward(x, *params)
         else:
             out, grads = _chunked_vjp(fn, chunk_size, x, params, ctx.needs_input_grad[2:], hint)
@@ -319,6 +319,11 @@ class ChunkedFunction(torch.autograd.Function):
 
 def _pieces(length: int, chunk_size: int) -> list[slice]:
     return [slice(start, start + chunk_size) for start in range(0, length, chunk_size)]
+
+
+def _in_chunks(fn: Any, x: Tensor, chunk_size: int) -> Tensor:
+    """`fn(x)` one chunk of dim 1 at a time, without recording anything for backward."""
+    return torch.cat([fn(x[:, piece]) for piece in _pieces(x.shape[1], chunk_size)], dim=1)
 
 
 def _chunked_vjp(
@@ -360,7 +365,7 @@ def chunked(fn: Any, x: Tensor, chunk_size: int, params: Sequence[Tensor]) -> Te
         return fn(x)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     if not needs_grad:
-        return torch.cat([fn(x[:, piece]) for piece in _pieces(x.shape[1], chunk_size)], dim=1)
+        return _in_chunks(fn, x, chunk_size)
     return ChunkedFunction.apply(fn, chunk_size, x, *params)
 
 
