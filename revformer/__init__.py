@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_revformer import RevformerConfig
 from .modeling_revformer import RevformerForCausalLM, RevformerModel, RevformerPreTrainedModel
+from .conversion import ConversionError, convert_model, convert_to_revformer
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,13 @@ RevformerConfig.register_for_auto_class()
 RevformerModel.register_for_auto_class("AutoModel")
 RevformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["RevformerConfig", "RevformerForCausalLM", "RevformerModel", "RevformerPreTrainedModel", "__version__"]
+__all__ = [
+    "ConversionError",
+    "RevformerConfig",
+    "RevformerForCausalLM",
+    "RevformerModel",
+    "RevformerPreTrainedModel",
+    "__version__",
+    "convert_model",
+    "convert_to_revformer",
+]

@@ -8,6 +8,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 ATTENTION_KINDS = ("full", "local", "lsh")
 STREAM_DTYPES = ("float32", "fixed_point")
+COUPLINGS = ("sublayer", "midpoint")
 
 
 @strict(accept_kwargs=True)
@@ -36,6 +37,22 @@ class RevformerConfig(PreTrainedConfig):
         stream_dtype (`str`): `float32` residual streams, or `fixed_point`: streams on a grid of
             2^-stream_fraction_bits (integer multiples held exactly in float64), which makes the coupling exactly
             invertible whatever precision F and G compute in.
+        coupling (`str`): how layers join the two streams. `sublayer` (default): every layer is a reversible block
+            `y1 = x1 + A(x2)`, `y2 = x2 + M(y1)` with A its attention and M its feed-forward. `midpoint`: every layer
+            is one whole pre-norm Transformer block `f(p) = A(p) + M(p + A(p))`, and layers alternate between the
+            streams, `p[l+1] = p[l-1] + c_l * f_l(p[l])` from `p[-1] = p[0] = embedding`, with `c_0 = 1` (the first
+            layer's output equals a standard block's) and `c_l = midpoint_step` after it; the newest stream is the
+            output. What `convert.py` produces: it reuses a pretrained block's function whole.
+        midpoint_step (`float`, defaults to 2.0): `c_l` of the midpoint coupling for l >= 1 (2 is the midpoint
+            rule, which follows a standard residual stack where consecutive blocks' updates are alike).
+        num_key_value_heads (`int`, *optional*): key/value heads for grouped-query attention (each serves
+            `num_attention_heads / num_key_value_heads` query heads, and the KV cache holds only these); `None` means
+            as many as query heads.
+        head_dim (`int`, *optional*): width of each attention head; `None` means `hidden_size / num_attention_heads`.
+        attention_bias (`bool`): biases on the query, key, value and output projections (Llama's option).
+        qkv_bias (`bool`): biases on the query, key and value projections only (Qwen2).
+        mlp_bias (`bool`): biases on the feed-forward's gate, up and down projections (Llama's option).
+        qk_norm (`bool`): RMSNorm over each head's queries and keys before rotary embedding (Qwen3).
 
     Example:
     ```python
@@ -79,6 +96,15 @@ class RevformerConfig(PreTrainedConfig):
     loss_chunk_size: int = 256
     stream_dtype: str = "float32"
     stream_fraction_bits: int = 32
+    coupling: str = "sublayer"
+    midpoint_step: float = 2.0
+    # What pretrained Llama-family models need (convert.py); as useful for models trained from scratch.
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    attention_bias: bool = False
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self, **kwargs):
         if self.attention_layers is None:
@@ -87,31 +113,39 @@ class RevformerConfig(PreTrainedConfig):
             self.attention_layers = [self.attention_layers] * self.num_hidden_layers
         else:
             self.attention_layers = list(self.attention_layers)
+        if self.head_dim is None:
+            if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"RevformerConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); pick a head count that divides it, or set head_dim."
+                )
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     def validate_architecture(self):
         """Part of `@strict` validation: one clear error per inconsistent value, naming the fix."""
         positive = (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings", "local_chunk_length", "lsh_num_hashes", "lsh_chunk_length",
+            "max_position_embeddings", "local_chunk_length", "lsh_num_hashes", "lsh_chunk_length", "head_dim",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"RevformerConfig.{name} must be a positive integer, got {getattr(self, name)}.")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"RevformerConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads}); pick a head count that divides it."
-            )
         if self.head_dim % 2 != 0:
             raise ValueError(
-                f"Rotary embeddings need an even head dimension, got hidden_size / num_attention_heads = "
-                f"{self.head_dim}; change hidden_size or num_attention_heads."
+                f"Rotary embeddings need an even head dimension, got head_dim = {self.head_dim}; change head_dim "
+                f"(or hidden_size / num_attention_heads)."
             )
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"RevformerConfig.num_key_value_heads ({self.num_key_value_heads}) must be positive and divide "
+                f"num_attention_heads ({self.num_attention_heads}): each key/value head serves a whole group of "
+                f"query heads."
+            )
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"RevformerConfig.coupling must be one of {COUPLINGS}, got {self.coupling!r}.")
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"RevformerConfig.{name} must be in [0, 1), got {getattr(self, name)}.")

@@ -2,16 +2,21 @@
 
 Read top to bottom: sublayers F (attention) and G (feed-forward), the two-stream block, the model, the LM head.
 
-The token embedding feeds both residual streams (x1 = x2 = embedding). Each block updates them by additive
-coupling, `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)`, which the reversible engine inverts in backward. After the last
-block the streams are merged by their mean, `h = (y1 + y2) / 2`, then normalized and projected to the vocabulary;
-the mean keeps `h` at `hidden_size`, so the LM head can share the embedding matrix.
+The token embedding feeds both residual streams (x1 = x2 = embedding). With the default `sublayer` coupling each
+block updates them by `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)` (F attention, G feed-forward), which the reversible engine
+inverts in backward, and after the last block the streams are merged by their mean, `h = (y1 + y2) / 2`. With the
+`midpoint` coupling every layer is a whole pre-norm Transformer block `f_l(p) = A(p) + M(p + A(p))` and the layers
+alternate between the streams, `p[l+1] = p[l-1] + c_l f_l(p[l])`: the engine sees pairs of layers as its F and G,
+and the newest stream is the output. Either way `h` is normalized and projected to the vocabulary; it stays at
+`hidden_size`, so the LM head can share the embedding matrix.
 
 This file, `configuration_revformer.py`, `reversible.py` and `attention.py` go to the Hub with the weights: they
 import each other only relatively and need nothing beyond torch and transformers.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +117,14 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, H_kv, T, D) -> (B, H_kv * groups, T, D): each key/value head repeated for the query heads it serves."""
+    if groups == 1:
+        return x
+    batch, heads, t, dim = x.shape
+    return x[:, :, None].expand(batch, heads, groups, t, dim).reshape(batch, heads * groups, t, dim)
+
+
 def _causal_allowed(t_q: int, t_k: int, device: torch.device) -> Tensor:
     """(Tq, Tk) bool: query i (at key index Tk - Tq + i) may see keys j <= its own index."""
     return torch.arange(t_k, device=device)[None, :] <= torch.arange(t_k - t_q, t_k, device=device)[:, None]
@@ -190,6 +203,8 @@ def revformer_eager_attention(
     score of its own key (the LSH rule). Returns the output (B, Tq, H, D) and the probabilities (B, H, Tq, Tk), zero
     where a query cannot look (and for a query that sees nothing).
     """
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves `groups` queries
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     t_q, t_k = query.shape[-2], key.shape[-2]
     scores = (query * scaling) @ key.transpose(-1, -2)
     scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
@@ -258,16 +273,24 @@ class RevformerAttention(nn.Module):
         self.layer_idx = layer_idx
         self.kind = config.attention_layers[layer_idx]
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        # What transformers' attention functions read from the module.
+        # lsh shares the query projection for keys, so its keys have as many heads as its queries.
+        self.num_kv_heads = self.num_heads if self.kind == "lsh" else config.num_key_value_heads
+        # What transformers' attention functions read from the module (they repeat key/value heads by it).
         self.is_causal = True
-        self.num_key_value_groups = 1
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim**-0.5
-        d = config.hidden_size
+        d, q_width, kv_width = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        in_bias = config.attention_bias or config.qkv_bias
         self.norm = RevformerRMSNorm(d, config.rms_norm_eps)
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = None if self.kind == "lsh" else nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        self.q_proj = nn.Linear(d, q_width, bias=in_bias)
+        self.k_proj = None if self.kind == "lsh" else nn.Linear(d, kv_width, bias=in_bias)
+        self.v_proj = nn.Linear(d, kv_width, bias=in_bias)
+        self.o_proj = nn.Linear(q_width, d, bias=config.attention_bias)
+        # Qwen3's per-head RMSNorm of queries and keys, before the rotary embedding.
+        self.q_norm = RevformerRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = (
+            RevformerRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm and self.k_proj is not None else None
+        )
         self.dropout = nn.Dropout(config.hidden_dropout)
         self._fixed_rotations: tuple[tuple, Tensor | None] | None = None  # eval-mode LSH rotations (not saved)
 
@@ -305,12 +328,13 @@ class RevformerAttention(nn.Module):
         batch, seq, _ = x.shape
         h = self.norm(x)
 
-        def heads(t: Tensor) -> Tensor:  # (B, T, d) -> (B, H, T, D)
-            return t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        def heads(t: Tensor, norm: RevformerRMSNorm | None = None) -> Tensor:  # (B, T, H*D) -> (B, H, T, D)
+            t = t.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            return t if norm is None else norm(t)
 
-        q = apply_rotary(heads(self.q_proj(h)), cos, sin)
-        k = q if self.k_proj is None else apply_rotary(heads(self.k_proj(h)), cos, sin)
-        v = heads(self.v_proj(h))
+        q = apply_rotary(heads(self.q_proj(h), self.q_norm), cos, sin)
+        k = q if self.k_proj is None else apply_rotary(heads(self.k_proj(h), self.k_norm), cos, sin)
+        v = heads(self.v_proj(h))  # (B, H_kv, T, D): the cache keeps grouped key/value heads as they are
         if cache is not None:  # (B, H, T_past + T, D)
             past = int(cache.get_seq_length(self.layer_idx))  # a static cache's count is a tensor updated in place
             k, v = cache.update(k, v, self.layer_idx)
@@ -366,6 +390,7 @@ class RevformerAttention(nn.Module):
         rows of their own, so each attends exactly as if it were run alone."""
         # lsh: fresh rotations from the RNG in training, the layer's fixed ones in eval mode.
         extra = {"rotations": self.lsh_rotations(q.device)} if self.kind == "lsh" and not self.training else {}
+        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
         kernel = ATTENTION_FUNCTIONS[self.kind]
         call = dict(dropout_p=dropout_p, scale=self.scaling, config=self.config, **extra)
         if document_ids is None:
@@ -395,17 +420,20 @@ class RevformerFeedForward(nn.Module):
         d, d_ff = config.hidden_size, config.intermediate_size
         self.chunk_size = config.chunk_size_feed_forward
         self.norm = RevformerRMSNorm(d, config.rms_norm_eps)
-        self.gate_proj = nn.Linear(d, d_ff, bias=False)
-        self.up_proj = nn.Linear(d, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d, bias=False)
+        self.gate_proj = nn.Linear(d, d_ff, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(d, d_ff, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(d_ff, d, bias=config.mlp_bias)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward_chunk(self, x: Tensor) -> Tensor:
+    def forward_chunk(self, x: Tensor, scale: float = 1.0) -> Tensor:
         h = self.norm(x)
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
+        out = self.dropout(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
+        return out if scale == 1.0 else out * scale
 
-    def forward(self, x: Tensor) -> Tensor:
-        return chunked(self.forward_chunk, x, self.chunk_size, [p for p in self.parameters() if p.requires_grad])
+    def forward(self, x: Tensor, *aux: Tensor | None, scale: float = 1.0) -> Tensor:
+        """`scale * G(x)`; `aux` (what the engine hands every sublayer: rotary tables, masks) is not needed here."""
+        fn = self.forward_chunk if scale == 1.0 else lambda x: self.forward_chunk(x, scale)
+        return chunked(fn, x, self.chunk_size, [p for p in self.parameters() if p.requires_grad])
 
 
 class RevformerBlock(GradientCheckpointingLayer):
@@ -451,6 +479,49 @@ class RevformerBlock(GradientCheckpointingLayer):
         y1 = coupling.add(x1, f_out)  # y1 = x1 + F(x2)
         y2 = coupling.add(x2, self.g(coupling.read(y1)))  # y2 = x2 + G(y1)
         return y1, y2
+
+
+class RevformerMidpointLayer(nn.Module):
+    """One whole pre-norm Transformer block as a sublayer of the `midpoint` coupling: `c * f(p)` with
+    `f(p) = A(p) + M(p + A(p))`, so that `p + f(p)` is Llama's `h = p + A(p); out = h + M(h)` exactly.
+
+    `c` is 1 for the first layer (its output then equals a standard block's) and `config.midpoint_step` after it.
+    The scaled feed-forward output is a term of the sum, so the gradient the engine announces for this layer's output
+    is exactly the one that reaches it, and its chunks compute their gradients during the re-run (`chunked`).
+    """
+
+    def __init__(self, config: RevformerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention = RevformerAttention(config, layer_idx)
+        self.feed_forward = RevformerFeedForward(config)
+        self.step = 1.0 if layer_idx == 0 else float(config.midpoint_step)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        key_padding_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        attentions: list[Tensor] | None = None,
+    ) -> Tensor:
+        a = self.attention(x, cos, sin, key_padding_mask, document_ids, cache, attentions)
+        return self.feed_forward(x + a, scale=self.step) + (a if self.step == 1.0 else a * self.step)
+
+
+class _NoUpdate(nn.Module):
+    """The missing partner of the last layer when a `midpoint` stack has an odd number of layers: adds nothing."""
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return x * 0.0  # on the graph of x, so the engine can differentiate through it
+
+
+class LayerPair(NamedTuple):
+    """Two consecutive `midpoint` layers, as the engine's F and G: `p[l+1] = p[l-1] + F(p[l])`, then G."""
+
+    f: nn.Module
+    g: nn.Module
 
 
 class RevformerPreTrainedModel(PreTrainedModel):
@@ -506,7 +577,9 @@ class RevformerModel(RevformerPreTrainedModel):
     def __init__(self, config: RevformerConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(RevformerBlock(config, i) for i in range(config.num_hidden_layers))
+        layer = RevformerMidpointLayer if config.coupling == "midpoint" else RevformerBlock
+        self.layers = nn.ModuleList(layer(config, i) for i in range(config.num_hidden_layers))
+        self.no_update = _NoUpdate()
         self.norm = RevformerRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RevformerRotaryEmbedding(config)
         self.coupling = make_coupling(config.stream_dtype, config.stream_fraction_bits)
@@ -518,6 +591,21 @@ class RevformerModel(RevformerPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def reversible_units(self) -> list[RevformerBlock] | list[LayerPair]:
+        """What the reversible engine runs, each with sublayers `.f` and `.g`: the blocks (`sublayer` coupling), or
+        pairs of consecutive layers (`midpoint`; an odd last layer is paired with `_NoUpdate`)."""
+        if self.config.coupling == "sublayer":
+            return list(self.layers)
+        layers = [*self.layers, self.no_update] if len(self.layers) % 2 else list(self.layers)
+        return [LayerPair(layers[i], layers[i + 1]) for i in range(0, len(layers), 2)]
+
+    def output_stream(self, x1: Tensor, x2: Tensor) -> Tensor:
+        """The stack's hidden state from the top streams: their mean (`sublayer`), or the newest (`midpoint`)."""
+        decode = self.coupling.decode
+        if self.config.coupling == "sublayer":
+            return (decode(x1) + decode(x2)) / 2
+        return decode(x2 if len(self.layers) % 2 == 0 else x1)
 
     def uses_randomness(self) -> bool:
         """Whether a forward pass draws random numbers (dropout, LSH rotations) that a re-run must replay."""
@@ -538,8 +626,9 @@ class RevformerModel(RevformerPreTrainedModel):
             padded = attention_mask is not None and not bool(attention_mask.all())
             aux = (cos, sin, attention_mask.bool() if padded else None)
             x = self.coupling.encode(self.embed_tokens(input_ids))
-            y1, y2, contexts = forward_blocks(x, x, self.layers, aux, self.coupling, self.uses_randomness())
-            x1, x2 = reconstruct_inputs(y1, y2, self.layers, aux, self.coupling, contexts)
+            units = self.reversible_units()
+            y1, y2, contexts = forward_blocks(x, x, units, aux, self.coupling, self.uses_randomness())
+            x1, x2 = reconstruct_inputs(y1, y2, units, aux, self.coupling, contexts)
         return max((x1.double() - x.double()).abs().max().item(), (x2.double() - x.double()).abs().max().item())
 
     @staticmethod
@@ -627,7 +716,16 @@ class RevformerModel(RevformerPreTrainedModel):
         )  # fmt: skip
         if reversible:
             aux = (cos, sin, key_padding_mask) if document_ids is None else (cos, sin, key_padding_mask, document_ids)
-            x1, x2 = reversible_stack(x1, x2, self.layers, aux, self.coupling, self.uses_randomness())
+            x1, x2 = reversible_stack(x1, x2, self.reversible_units(), aux, self.coupling, self.uses_randomness())
+        elif self.config.coupling == "midpoint":
+            read, add = self.coupling.read, self.coupling.add
+            for layer, unit in enumerate(self.reversible_units()):
+                x1 = add(x1, unit.f(read(x2), cos, sin, key_padding_mask, document_ids, cache, attentions))
+                x2 = add(x2, unit.g(read(x1), cos, sin, key_padding_mask, document_ids, cache, attentions))
+                if output_hidden_states:  # the newest stream after each layer
+                    hidden_states.append(decode(x1))
+                    if 2 * layer + 1 < len(self.layers):
+                        hidden_states.append(decode(x2))
         else:
             for block in self.layers:  # each block checkpoints itself when enabled (GradientCheckpointingLayer)
                 x1, x2 = block(
@@ -637,7 +735,7 @@ class RevformerModel(RevformerPreTrainedModel):
                 if output_hidden_states:
                     hidden_states.append((decode(x1) + decode(x2)) / 2)
 
-        hidden = self.norm((decode(x1) + decode(x2)) / 2)  # merge the two streams
+        hidden = self.norm(self.output_stream(x1, x2))
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden,
             cache=cache if use_cache else None,
@@ -653,25 +751,56 @@ def _head_dtype(weight: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
 
 
-def _chunk_loss(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    """Summed cross-entropy of one chunk; logits in the head dtype, softmax in fp32."""
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+class Teacher(NamedTuple):
+    """What distillation needs of a teacher for the positions of one batch: its final hidden states (N, d_t), its
+    LM-head weight (V, d_t) and the weight of the cross-entropy beside the KL term."""
+
+    hidden: Tensor
+    weight: Tensor
+    ce_weight: float = 0.0
+
+    def piece(self, piece: slice, dtype: torch.dtype) -> Teacher:
+        return Teacher(self.hidden[piece].to(dtype), self.weight, self.ce_weight)
+
+
+def _chunk_loss(hidden: Tensor, weight: Tensor, targets: Tensor, teacher: Teacher | None = None) -> Tensor:
+    """Summed loss of one chunk; logits in the head dtype, softmax in fp32.
+
+    Cross-entropy against `targets`, or with a `teacher`, KL(teacher || model) over the positions with a target
+    plus `teacher.ce_weight` times the cross-entropy.
+    """
+    logits = F.linear(hidden, weight).float()
+    if teacher is None:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    keep = targets != IGNORE_INDEX
+    with torch.no_grad():
+        teacher_log_probs = F.linear(teacher.hidden, teacher.weight).float().log_softmax(-1)[keep]
+    log_probs = logits[keep].log_softmax(-1)
+    loss = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum()
+    if teacher.ce_weight:
+        loss = loss + teacher.ce_weight * F.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    return loss
 
 
 class ChunkedLMHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` against `targets`, `chunk_size` positions at a time.
+    """Summed loss (`_chunk_loss`) of `hidden @ weight.T` against `targets`, `chunk_size` positions at a time.
 
-    Full-sequence logits never exist: each chunk's logits give its loss and, at once, its gradients with respect to
-    the hidden states and the head weight, so backward only scales the stored gradients (no second LM-head pass).
-    The weight is cast to the compute dtype once for all chunks (autocast would keep one cast per chunk alive).
+    Full-sequence logits never exist (the teacher's neither, when distilling): each chunk's logits give its loss and,
+    at once, its gradients with respect to the hidden states and the head weight, so backward only scales the stored
+    gradients (no second LM-head pass). The weights are cast to the compute dtype once for all chunks (autocast would
+    keep one cast per chunk alive).
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, teacher: Teacher | None = None
+    ) -> Tensor:
         # hidden: (N, d), weight: (V, d), targets: (N,)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype = _head_dtype(weight)
         w = weight.detach().to(dtype).requires_grad_(want_weight)
+        if teacher is not None:
+            teacher = teacher._replace(weight=teacher.weight.detach().to(dtype))
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
@@ -680,7 +809,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                 piece = slice(start, start + chunk_size)
                 with torch.enable_grad():
                     h = hidden[piece].detach().to(dtype).requires_grad_(want_hidden)
-                    loss = _chunk_loss(h, w, targets[piece])
+                    loss = _chunk_loss(h, w, targets[piece], teacher and teacher.piece(piece, dtype))
                 grads = iter(torch.autograd.grad(loss, [t for t in (h, w) if t.requires_grad]))
                 if want_hidden:
                     grad_hidden[piece] = next(grads)
@@ -698,7 +827,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def causal_lm_loss(
@@ -708,33 +837,60 @@ def causal_lm_loss(
     chunk_size: int = 0,
     num_items_in_batch: int | Tensor | None = None,
     logits: Tensor | None = None,
+    teacher: Teacher | None = None,
 ) -> Tensor:
-    """Mean next-token cross-entropy: position t predicts `labels[t + 1]`; `-100` labels are ignored.
+    """Mean next-token loss: position t predicts `labels[t + 1]`; `-100` labels are ignored.
 
-    With `chunk_size` > 0 the LM head runs in chunks of that many positions and full logits never exist; otherwise
-    pass the `logits` already computed for the output (the head then runs once). `num_items_in_batch` (from Trainer /
-    gradient accumulation) replaces the local count of predicted tokens as the denominator, so accumulated
-    micro-batches average over the whole batch.
+    Cross-entropy, or with a `teacher` (hidden states (B, T, d_t) and head weight) the distillation loss
+    KL(teacher || model) + `teacher.ce_weight` * cross-entropy at the same positions. With `chunk_size` > 0 the LM
+    heads run in chunks of that many positions and full logits never exist; otherwise pass the `logits` already
+    computed for the output (the head then runs once). `num_items_in_batch` (from Trainer / gradient accumulation)
+    replaces the local count of predicted tokens as the denominator, so accumulated micro-batches average over the
+    whole batch.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # shift left, (B*T,)
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    if logits is not None:
+    if teacher is not None:
+        teacher = teacher._replace(hidden=teacher.hidden.reshape(-1, teacher.hidden.shape[-1]))
+    if logits is not None and teacher is None:
         total = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
         )
     elif torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad):
-        total = ChunkedLMHeadLoss.apply(hidden, lm_head.weight, targets, chunk_size or hidden.shape[0])
+        total = ChunkedLMHeadLoss.apply(hidden, lm_head.weight, targets, chunk_size or hidden.shape[0], teacher)
     else:  # evaluation: the loss alone, chunk by chunk
         weight = lm_head.weight.to(_head_dtype(lm_head.weight))
+        if teacher is not None:
+            teacher = teacher._replace(weight=teacher.weight.to(weight.dtype))
         with torch.autocast(weight.device.type, enabled=False):
             total = sum(
-                _chunk_loss(hidden[start : start + chunk_size].to(weight.dtype), weight, targets[start : start + chunk_size])
-                for start in range(0, hidden.shape[0], chunk_size or hidden.shape[0])
-            )
+                _chunk_loss(hidden[piece].to(weight.dtype), weight, targets[piece],
+                            teacher and teacher.piece(piece, weight.dtype))
+                for piece in (slice(start, start + (chunk_size or hidden.shape[0]))
+                              for start in range(0, hidden.shape[0], chunk_size or hidden.shape[0]))
+            )  # fmt: skip
     count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     if isinstance(count, Tensor):
         count = count.to(total.device)
     return total / count
+
+
+def teacher_for(hidden: Tensor, teacher_hidden_states: Tensor | None, teacher_lm_head: Tensor | None,
+                distill_ce_weight: float, vocab_size: int) -> Teacher | None:
+    """The distillation target of a forward call, checked against the student's hidden states (B, T, d)."""
+    if teacher_hidden_states is None and teacher_lm_head is None:
+        return None
+    if teacher_hidden_states is None or teacher_lm_head is None:
+        raise ValueError("Distillation needs both teacher_hidden_states (B, T, d_teacher) and teacher_lm_head "
+                         "(vocab_size, d_teacher), the teacher's final hidden states and LM-head weight.")
+    if teacher_hidden_states.shape[:2] != hidden.shape[:2]:
+        raise ValueError(f"teacher_hidden_states has shape {tuple(teacher_hidden_states.shape)} but the inputs have "
+                         f"(batch, length) = {tuple(hidden.shape[:2])}; run the teacher on the same input_ids.")
+    if teacher_lm_head.shape != (vocab_size, teacher_hidden_states.shape[-1]):
+        raise ValueError(f"teacher_lm_head has shape {tuple(teacher_lm_head.shape)}, expected (vocab_size, "
+                         f"d_teacher) = ({vocab_size}, {teacher_hidden_states.shape[-1]}): teacher and student must "
+                         f"share the vocabulary.")
+    return Teacher(teacher_hidden_states.detach(), teacher_lm_head.detach(), distill_ce_weight)
 
 
 class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
@@ -773,9 +929,16 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         num_items_in_batch: int | Tensor | None = None,
         output_attentions: bool | None = None,
+        teacher_hidden_states: Tensor | None = None,
+        teacher_lm_head: Tensor | None = None,
+        distill_ce_weight: float = 0.0,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Next-token logits and, given `labels` (the input ids, shifted inside), the mean cross-entropy.
+
+        Distillation: given also a teacher's final hidden states (B, T, d_teacher) for the same inputs and its LM-head
+        weight (vocab_size, d_teacher), the loss is KL(teacher || model) per predicted token, plus
+        `distill_ce_weight` times the cross-entropy; the teacher's logits are computed chunk by chunk as well.
 
         Given labels for more than `config.loss_chunk_size` positions (batch x length), the LM head and the loss run
         in chunks of that many positions and `logits` is None: full-sequence logits are what chunking exists to
@@ -803,7 +966,9 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden[:, keep, :])
         if labels is not None:
             full = logits if logits is not None and logits.shape[1] == hidden.shape[1] else None
-            loss = causal_lm_loss(hidden, self.lm_head, labels, chunk, num_items_in_batch, logits=full)
+            teacher = teacher_for(hidden, teacher_hidden_states, teacher_lm_head, distill_ce_weight,
+                                  self.config.vocab_size)
+            loss = causal_lm_loss(hidden, self.lm_head, labels, chunk, num_items_in_batch, logits=full, teacher=teacher)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,

@@ -216,7 +216,9 @@ def is_sharded(blocks: Sequence[nn.Module]) -> bool:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch build without distributed
         return False
-    return any(isinstance(sub, FSDPModule) for block in blocks for sub in (block.f, block.g))
+    # A sublayer may hold its shard units inside it (a whole Transformer layer whose attention and feed-forward
+    # are the units): its parameters are gathered per call all the same.
+    return any(isinstance(m, FSDPModule) for block in blocks for sub in (block.f, block.g) for m in sub.modules())
 
 
 def _backprop(
@@ -423,7 +425,7 @@ def forward_blocks(
             f_ctx = ForwardContext(x1.device, capture_rng)
             x1 = coupling.add(x1, block.f(coupling.read(x2), *aux))  # y1 = x1 + F(x2)
             g_ctx = ForwardContext(x1.device, capture_rng)
-            x2 = coupling.add(x2, block.g(coupling.read(x1)))  # y2 = x2 + G(y1)
+            x2 = coupling.add(x2, block.g(coupling.read(x1), *aux))  # y2 = x2 + G(y1)
             contexts.append((f_ctx, g_ctx))
             if check:
                 extremes += [_extremes(x1), _extremes(x2)]
@@ -453,7 +455,7 @@ def reconstruct_inputs(
 
     for i in reversed(range(len(blocks))):
         with replay(i, 1):
-            x2 = coupling.subtract(y2, blocks[i].g(coupling.read(y1)))  # x2 = y2 - G(y1)
+            x2 = coupling.subtract(y2, blocks[i].g(coupling.read(y1), *aux))  # x2 = y2 - G(y1)
         with replay(i, 0):
             x1 = coupling.subtract(y1, blocks[i].f(coupling.read(x2), *aux))  # x1 = y1 - F(x2)
         y1, y2 = x1, x2
@@ -464,7 +466,7 @@ class ReversibleStack(torch.autograd.Function):
     """`(x1, x2) -> (y1, y2)` through `blocks`, each with `.f` (attention) and `.g` (feed-forward) sublayers.
 
     Call as `ReversibleStack.apply(x1, x2, blocks, coupling, capture_rng, num_aux, *aux, *params)`: `aux` are extra
-    tensors every F receives (rotary cos/sin, padding mask; no gradient flows to them), `params` are all trainable
+    tensors every F and G receives (rotary cos/sin, padding mask; no gradient flows to them), `params` are all trainable
     parameters of `blocks` in `reversible_params(blocks)` order. Streams go in and come out in the coupling's
     representation (float64 on the grid for fixed point), which is a float so that autograd can carry their gradients.
     """
@@ -495,7 +497,7 @@ class ReversibleStack(torch.autograd.Function):
         param_grads: list[list[Tensor]] = []
         for block, (f_ctx, g_ctx) in zip(reversed(ctx.blocks), reversed(ctx.contexts)):
             # G: x2 = y2 - G(y1);  dL/dy1 += (dG/dy1)^T dL/dy2
-            x2, dy1_from_g, g_grads = _rerun(block.g, g_ctx, coupling, y1, y2, dy2, (), ctx.sharded)
+            x2, dy1_from_g, g_grads = _rerun(block.g, g_ctx, coupling, y1, y2, dy2, aux, ctx.sharded)
             dy1 = dy1 + dy1_from_g
             # F: x1 = y1 - F(x2);  dL/dx2 = dL/dy2 + (dF/dx2)^T dL/dy1
             x1, dx2_from_f, f_grads = _rerun(block.f, f_ctx, coupling, x2, y1, dy1, aux, ctx.sharded)

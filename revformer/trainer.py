@@ -250,7 +250,8 @@ def evaluate(
     loader = accelerator.prepare_data_loader(
         build_dataloader(blocks, batch_size, seed=0, shuffle=False, drop_last=False)
     )
-    chunked_loss = accelerator.unwrap_model(model).config.loss_chunk_size > 0
+    # Any causal LM scores here (a teacher, a source model): only revformer has a chunked loss.
+    chunked_loss = getattr(accelerator.unwrap_model(model).config, "loss_chunk_size", 0) > 0
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nats, tokens, bytes
     for batch in loader:
         ids = batch["input_ids"]
@@ -407,9 +408,10 @@ def model_card(run: RunConfig, model: torch.nn.Module, metrics: dict[str, float]
         "",
         f"# {name}",
         "",
-        f"A reversible decoder-only Transformer trained with revformer: "
+        f"{'A reversible decoder-only Transformer' if isinstance(model, RevformerForCausalLM) else type(model).__name__}"
+        f" trained with revformer: "
         f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_attention_heads} heads, "
-        f"attention {sorted(set(config.attention_layers))}, vocabulary {config.vocab_size}, "
+        f"attention {sorted(set(getattr(config, 'attention_layers', ['full'])))}, vocabulary {config.vocab_size}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters.",
         "",
         f"Training data: `{dataset}`; blocks of {run.data.block_size} tokens; {run.train.max_steps} steps.",
@@ -591,7 +593,7 @@ def setup(run: RunConfig) -> Session:
     with accelerator.main_process_first():  # rank 0 tokenizes and packs; the others reuse the datasets cache
         train_blocks, val_blocks = prepare_datasets(run.data, tokenizer)
     model = build_model(run, tokenizer)
-    if run.train.compile:
+    if run.train.compile and isinstance(model, RevformerForCausalLM):
         # The reversible re-run must replay the forward's dropout draws; a sublayer that falls back to eager after
         # dynamo's recompile limit draws different masks and the gradients go wrong silently. Allow the variants a
         # stack needs (attention kinds x grad mode x train/eval x shapes) and fail loudly past them.
@@ -738,7 +740,8 @@ def train(run: RunConfig) -> Path:
     accelerator = s.accelerator
     stop_at = min(run.train.max_steps, run.train.stop_after_steps or run.train.max_steps)
     # Outside a forward pass FSDP holds only parameter shards, which the standalone inverse cannot run on.
-    check_reconstruction = run.train.reconstruction_check_every > 0 and accelerator.distributed_type != DistributedType.FSDP
+    check_reconstruction = (run.train.reconstruction_check_every > 0 and accelerator.distributed_type != DistributedType.FSDP
+                            and isinstance(accelerator.unwrap_model(s.model), RevformerForCausalLM))
     if run.train.eval_batches is not None:
         accelerator.print(f"Mid-run evaluations score a fixed random sample of {run.train.eval_batches} batches of "
                           "the validation split (train.eval_batches); the final one scores all of it.")

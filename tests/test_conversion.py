@@ -1,0 +1,181 @@
+"""Converting Llama-family models: every weight placed, the converted forward equal to its coupling written with the
+source's own modules, and everything a revformer model does (gradients, cache, save/load, remote code) still works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from revformer import ConversionError, RevformerForCausalLM, convert_model, convert_to_revformer
+from revformer.conversion import weight_map
+
+from conftest import ROOT, relative_error
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+# One tiny model per supported family, each with the options that family brings.
+FAMILIES = {
+    "llama-gqa-llama3-tied": lambda: LlamaForCausalLM(LlamaConfig(
+        **COMMON, num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
+    "llama-biases-untied": lambda: LlamaForCausalLM(LlamaConfig(
+        **COMMON, attention_bias=True, mlp_bias=True, tie_word_embeddings=False, rms_norm_eps=1e-5)),
+    "mistral-gqa": lambda: MistralForCausalLM(MistralConfig(
+        **COMMON, num_key_value_heads=1, sliding_window=None, tie_word_embeddings=False)),
+    "qwen2-qkv-bias": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3-qk-norm-head-dim": lambda: Qwen3ForCausalLM(Qwen3Config(
+        **COMMON, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+}
+
+
+def source_model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    with torch.no_grad():  # random norms and biases, so that a misplaced one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def reference_logits(source: torch.nn.Module, ids: torch.Tensor, coupling: str, step: float = 2.0) -> torch.Tensor:
+    """The coupling written naively with the source's own modules (sdpa, causal, no mask)."""
+    base = source.model
+    emb = base.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    rope = base.rotary_emb(emb, positions)
+    if coupling == "sublayer":  # y1 = x1 + A(x2); y2 = x2 + M(y1); h = (y1 + y2) / 2
+        x1 = x2 = emb
+        for layer in base.layers:
+            x1 = x1 + layer.self_attn(layer.input_layernorm(x2), position_embeddings=rope, attention_mask=None)[0]
+            x2 = x2 + layer.mlp(layer.post_attention_layernorm(x1))
+        hidden = (x1 + x2) / 2
+    else:  # p[l+1] = p[l-1] + c_l * f_l(p[l]), p[-1] = p[0] = embedding, c_0 = 1
+        previous = current = emb
+        for i, layer in enumerate(base.layers):
+            update = layer(current, attention_mask=None, position_embeddings=rope, position_ids=positions) - current
+            previous, current = current, previous + (1.0 if i == 0 else step) * update
+        hidden = current
+    return source.lm_head(base.norm(hidden))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("coupling", ["midpoint", "sublayer"])
+def test_converted_forward_equals_its_coupling_written_with_the_source_modules(family, coupling):
+    source = source_model(family)
+    source.config._attn_implementation = "sdpa"
+    model = convert_model(source, coupling=coupling)
+    ids = torch.randint(3, 96, (2, 20))
+    with torch.no_grad():
+        expected = reference_logits(source, ids, coupling)
+        got = model(ids).logits
+    assert relative_error(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_source_tensor_lands_in_one_place(family):
+    source = source_model(family)
+    model = convert_model(source)
+    names = list(source.state_dict())
+    mapping = weight_map(names, tied=source.config.tie_word_embeddings)
+    assert set(mapping) == set(names)
+    target = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(target[mapping[name]], tensor), name
+    # ... and every revformer parameter comes from the source.
+    assert {n for n, _ in model.named_parameters()} <= set(mapping.values())
+    expected = {"qwen2-qkv-bias": "model.layers.0.attention.q_proj.bias",
+                "qwen3-qk-norm-head-dim": "model.layers.0.attention.k_norm.weight",
+                "llama-biases-untied": "model.layers.2.feed_forward.down_proj.bias"}
+    if family in expected:
+        assert expected[family] in mapping.values()
+
+
+def test_a_one_layer_midpoint_model_is_the_source():
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_hidden_layers": 1}, num_key_value_heads=2)).eval()
+    model = convert_model(source, coupling="midpoint")
+    ids = torch.randint(3, 96, (2, 24))
+    with torch.no_grad():
+        assert relative_error(model(ids).logits, source(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_converted_model_trains_reversibly_generates_and_reloads(family, tmp_path):
+    model = convert_model(source_model(family)).float()
+    ids = torch.randint(3, 96, (2, 24))
+    model.train()
+    grads = {}
+    for reversible in (True, False):
+        model.config.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[reversible] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name in grads[True]:
+        assert relative_error(grads[True][name], grads[False][name]) < 1e-4, name
+    model.eval()
+    prompt = ids[:1, :6]
+    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is RevformerForCausalLM and loaded.config.coupling == "midpoint"
+    with torch.no_grad():
+        assert relative_error(loaded(ids).logits, model(ids).logits) < 1e-6
+
+
+def test_convert_script_writes_a_folder_that_loads_without_revformer(tmp_path, byte_tokenizer):
+    source = source_model("qwen3-qk-norm-head-dim")
+    source.save_pretrained(tmp_path / "source")
+    byte_tokenizer.save_pretrained(tmp_path / "source")
+    done = subprocess.run([sys.executable, "scripts/convert.py", str(tmp_path / "source"), str(tmp_path / "rev")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "rev"
+    for name in ("config.json", "model.safetensors", "modeling_revformer.py", "tokenizer.json", "README.md"):
+        assert (out / name).exists(), name
+    assert "source" in (out / "README.md").read_text()
+    ids = torch.randint(3, 96, (1, 16))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": reference_logits(source, ids, "midpoint")}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["revformer"] = None  # any `import revformer` now raises ImportError
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            logits = model(expected["ids"]).logits
+        error = ((logits - expected["logits"]).abs().max() / expected["logits"].abs().max()).item()
+        assert error < 1e-5, error
+        print("remote-ok", model.config.coupling)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote-ok midpoint" in result.stdout
+
+
+def test_unsupported_sources_get_one_clear_error(tmp_path):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=96))
+    with pytest.raises(ConversionError, match=r"GPT2LMHeadModel.*learned absolute positions.*Supported: LlamaForCausalLM"):
+        convert_model(gpt2)
+    windowed = MistralConfig(**COMMON, sliding_window=16)
+    with pytest.raises(ConversionError, match="sliding-window attention"):
+        convert_model(MistralForCausalLM(windowed))
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=96)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ConversionError, match="Cannot convert GPT2LMHeadModel"):
+        convert_to_revformer(str(tmp_path / "gpt2"))
+    done = subprocess.run([sys.executable, "scripts/convert.py", str(tmp_path / "gpt2"), str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "Cannot convert GPT2LMHeadModel" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
