@@ -33,6 +33,10 @@ class TrainConfig:
     output_dir: str = "runs/revformer"  # checkpoints, logs, the final model folder
     seed: int = 0
     init_from: str | None = None  # fine-tune: a `save_pretrained` folder or hub id (model and tokenizer)
+    # Distillation (healing a converted model): a causal LM (hub id or folder) sharing the tokenizer; the loss becomes
+    # KL(teacher || model) per predicted token, plus distill_ce_weight x cross-entropy. The teacher runs without grad.
+    distill_from: str | None = None
+    distill_ce_weight: float = 0.0
     # Batching: `batch_size` blocks per micro-step across all processes (split between them), so the same
     # config trains identically on 1 or N processes.
     batch_size: int = 8
@@ -83,6 +87,8 @@ class TrainConfig:
                 f"train.warmup_steps={self.warmup_steps} is not shorter than train.max_steps={self.max_steps}: the "
                 "learning rate would never reach its peak; lower warmup_steps (e.g. 5% of max_steps)."
             )
+        if self.distill_ce_weight < 0:
+            raise ConfigError(f"train.distill_ce_weight must be >= 0, got {self.distill_ce_weight}.")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"train.max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}.")
         if self.push_to_hub and not self.hub_model_id:

@@ -99,6 +99,37 @@ def build_model(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Revformer
     return model
 
 
+def build_teacher(run: RunConfig, model: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
+    """The frozen `train.distill_from` model on `device` (None without distillation), checked against the student."""
+    if not run.train.distill_from:
+        return None
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(run.train.distill_from)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"train.distill_from={run.train.distill_from}: cannot load a causal LM from it ({err}); "
+                          "give a Hub id or a save_pretrained folder.") from err
+    head = teacher.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or getattr(
+        teacher.config, "final_logit_softcapping", None
+    ):
+        raise ConfigError(f"train.distill_from={run.train.distill_from}: its logits are not a plain linear head of "
+                          "its final hidden states, which chunked distillation needs.")
+    if head.weight.shape[0] != model.config.vocab_size:
+        raise ConfigError(f"train.distill_from={run.train.distill_from} has a vocabulary of {head.weight.shape[0]} "
+                          f"tokens, the model {model.config.vocab_size}: distillation needs the same tokenizer.")
+    return teacher.requires_grad_(False).eval().to(device)
+
+
+@torch.no_grad()
+def teacher_targets(teacher: torch.nn.Module, ids: torch.Tensor, position_ids: torch.Tensor | None,
+                    ce_weight: float) -> dict[str, Any]:
+    """The forward keywords that make the model's loss the distillation loss: the teacher's final hidden states
+    (its logits are computed chunk by chunk inside the loss, never for the whole batch) and LM-head weight."""
+    hidden = teacher.base_model(input_ids=ids, position_ids=position_ids).last_hidden_state
+    return {"teacher_hidden_states": hidden, "teacher_lm_head": teacher.get_output_embeddings().weight,
+            "distill_ce_weight": ce_weight}
+
+
 def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only: norms, biases and embeddings are not decayed."""
     decay, no_decay, seen = [], [], set()
@@ -537,6 +568,7 @@ class Session:
     step: int
     stop: StopRequest
     pushes: BackgroundPushes | None
+    teacher: torch.nn.Module | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     last_checkpoint_step: int = -1
     last_batch: dict[str, torch.Tensor] | None = None
@@ -605,6 +637,7 @@ def setup(run: RunConfig) -> Session:
     optimizer = build_optimizer(model, run)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    teacher = build_teacher(run, accelerator.unwrap_model(model), accelerator.device)
 
     step, position, last_checkpoint_step = 0, {}, -1
     loaded = load_checkpoint(accelerator, resume_candidates(run))
@@ -633,7 +666,7 @@ def setup(run: RunConfig) -> Session:
               and accelerator.is_main_process else None)
     return Session(run, accelerator, tokenizer, model, optimizer, scheduler,
                    TrainBatches(train_blocks, run, accelerator, **position), train_blocks, val_blocks,
-                   step, stop, pushes, last_checkpoint_step=last_checkpoint_step)
+                   step, stop, pushes, teacher=teacher, last_checkpoint_step=last_checkpoint_step)
 
 
 def train_step(s: Session) -> tuple[torch.Tensor, float]:
@@ -652,7 +685,12 @@ def train_step(s: Session) -> tuple[torch.Tensor, float]:
             position_ids = block_position_ids(
                 accelerator.unwrap_model(s.model), batch["input_ids"], run.data.document_attention
             )
-            loss = s.model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=position_ids).loss
+            distill = {}
+            if s.teacher is not None:
+                with accelerator.autocast():
+                    distill = teacher_targets(s.teacher, batch["input_ids"], position_ids, run.train.distill_ce_weight)
+            loss = s.model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=position_ids,
+                           **distill).loss
             if not math.isfinite(accelerator.reduce(loss.detach(), "sum").item()):
                 raise NonFiniteError(f"loss {loss.item()}", s.step + 1)
             accelerator.backward(loss)

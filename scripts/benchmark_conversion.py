@@ -37,7 +37,7 @@ TEACHER = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_
                num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0)
 BLOCK = 512
 BATCH = 16  # blocks per step: 8192 tokens
-TEACHER_STEPS = 1250  # 10.24M tokens
+TEACHER_STEPS = 750  # 6.1M tokens
 
 
 def log(message: str) -> None:

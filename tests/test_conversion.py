@@ -179,3 +179,70 @@ def test_unsupported_sources_get_one_clear_error(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0 and "Cannot convert GPT2LMHeadModel" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, request):
+    """A saved tiny Llama (GQA, untied head) and its conversion by scripts/convert.py, beside the test corpus."""
+    from conftest import make_workdir
+    from revformer.tokenizer import byte_tokenizer
+
+    import yaml
+
+    work = make_workdir(tmp_path_factory.mktemp("heal"))
+    run = yaml.safe_load((work / "tiny.yaml").read_text())
+    (work / "heal.yaml").write_text(yaml.safe_dump({"data": run["data"], "train": run["train"]}))  # no model section
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    teacher.save_pretrained(work / "teacher")
+    tokenizer.save_pretrained(work / "teacher")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(work / "teacher"), str(work / "rev")],
+                          cwd=work, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+def heal(work, out: str, processes: int = 1, accelerate_config: str = "cpu_ddp.yaml", steps: str = "6"):
+    from conftest import launch
+
+    return launch("finetune.py", work, "--config", "heal.yaml", "--train.init_from", str(work / "rev"),
+                  "--train.distill_from", str(work / "teacher"), "--train.distill_ce_weight", "0.5",
+                  "--train.output_dir", str(work / out), "--train.max_steps", steps, "--train.warmup_steps", "1",
+                  "--train.learning_rate", "3e-3", "--train.gradient_accumulation_steps", "2",
+                  "--model.hidden_dropout", "0.0", "--model.chunk_size_feed_forward", "24",
+                  "--model.loss_chunk_size", "40", processes=processes, accelerate_config=accelerate_config)
+
+
+def validation_loss(work, folder) -> float:
+    import json
+
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/evaluate.py"), str(folder), "--config", "heal.yaml"],
+                          cwd=work, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)["eval/loss"]
+
+
+@pytest.mark.slow
+def test_a_converted_model_heals_by_distillation_through_the_cli(converted):
+    heal(converted, "healed", steps="16")
+    before, after = validation_loss(converted, converted / "rev"), validation_loss(converted, converted / "healed/model")
+    assert after < before - 0.1, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accelerate_config", ["cpu_ddp.yaml", "fsdp_cpu.yaml"])
+def test_healing_on_two_processes_equals_one(converted, accelerate_config):
+    from conftest import weights
+
+    if not (converted / "single" / "model").exists():
+        heal(converted, "single")
+    result = heal(converted, accelerate_config, processes=2, accelerate_config=accelerate_config)
+    assert "2 process(es)" in result.stdout
+    single, parallel = weights(converted / "single"), weights(converted / accelerate_config)
+    assert single.keys() == parallel.keys()
+    for name in single:
+        assert torch.allclose(parallel[name], single[name], atol=2e-5, rtol=1e-4), name
