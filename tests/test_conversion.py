@@ -246,3 +246,37 @@ def test_healing_on_two_processes_equals_one(converted, accelerate_config):
     assert single.keys() == parallel.keys()
     for name in single:
         assert torch.allclose(parallel[name], single[name], atol=2e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("loss_chunk_size", [0, 7])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_distillation_loss_equals_a_naive_full_logits_kl(loss_chunk_size, ce_weight):
+    import torch.nn.functional as F
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = RevformerForCausalLM(tiny_config(loss_chunk_size=loss_chunk_size, tie_word_embeddings=False)).train()
+    ids = torch.randint(3, 128, (2, 16))
+    labels = ids.clone()
+    labels[0, :5] = -100  # ignored positions count neither in the KL nor in the denominator
+    teacher_hidden, teacher_head = torch.randn(2, 16, 24), torch.randn(128, 24)
+    kwargs = dict(teacher_hidden_states=teacher_hidden, teacher_lm_head=teacher_head, distill_ce_weight=ce_weight)
+    loss = model(input_ids=ids, labels=labels, **kwargs).loss
+    got = torch.autograd.grad(loss, [model.lm_head.weight, model.model.embed_tokens.weight])
+
+    logits = model(input_ids=ids).logits[:, :-1].flatten(0, 1)
+    teacher_logits = (teacher_hidden @ teacher_head.T)[:, :-1].flatten(0, 1)
+    targets = labels[:, 1:].flatten()
+    keep = targets != -100
+    kl = F.kl_div(logits[keep].log_softmax(-1), teacher_logits[keep].log_softmax(-1), log_target=True,
+                  reduction="batchmean")
+    reference = kl + ce_weight * F.cross_entropy(logits[keep], targets[keep])
+    expected = torch.autograd.grad(reference, [model.lm_head.weight, model.model.embed_tokens.weight])
+    assert torch.allclose(loss, reference, rtol=1e-5)
+    for a, b in zip(got, expected):
+        assert relative_error(a, b) < 1e-5
+    with torch.no_grad():  # evaluation path: the same value without gradients
+        assert torch.allclose(model(input_ids=ids, labels=labels, **kwargs).loss, reference, rtol=1e-5)
+    with pytest.raises(ValueError, match="share the vocabulary"):
+        model(input_ids=ids, labels=labels, teacher_hidden_states=teacher_hidden, teacher_lm_head=teacher_head[:100])

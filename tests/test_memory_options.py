@@ -37,16 +37,23 @@ def test_defaults_chunk_long_sequences_only():
         assert model(short, labels=short).logits is not None  # one chunk: logits are returned as usual
 
 
+# The options converted Llama-family models bring, with the coupling convert.py produces.
+CONVERTED = dict(coupling="midpoint", num_key_value_heads=2, head_dim=12, qkv_bias=True, qk_norm=True,
+                 tie_word_embeddings=False)
+
+
 @pytest.mark.parametrize("reversible", [True, False])
 @pytest.mark.parametrize("stream_dtype", ["float32", "fixed_point"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_chunked_options_give_the_unchunked_gradients(reversible, stream_dtype, autocast):
+@pytest.mark.parametrize("converted", [False, True])
+def test_chunked_options_give_the_unchunked_gradients(reversible, stream_dtype, autocast, converted):
     torch.manual_seed(0)
     # Chunks that do not divide the sequence (T = 45, B*T = 90) and a mixed attention stack.
     model = RevformerForCausalLM(tiny_config(num_hidden_layers=3, attention_layers=["full", "local", "lsh"],
                                              local_chunk_length=8, lsh_chunk_length=8, lsh_num_buckets=4,
                                              stream_dtype=stream_dtype, reversible=reversible,
-                                             chunk_size_feed_forward=7, loss_chunk_size=13)).train()
+                                             chunk_size_feed_forward=7, loss_chunk_size=13,
+                                             **(CONVERTED if converted else {}))).train()
     reference = twin(model, chunk_size_feed_forward=0, loss_chunk_size=0)
     ids = torch.randint(0, 128, (2, 45))
     loss, grads = grads_of(model, ids, autocast=autocast)
@@ -74,18 +81,20 @@ def count_chunk_calls(model: RevformerForCausalLM) -> dict[str, int]:
     for block in model.model.layers:
         original = block.feed_forward.forward_chunk
 
-        def counted(x, original=original):
+        def counted(x, *args, original=original):
             calls["n"] += 1
-            return original(x)
+            return original(x, *args)
 
         block.feed_forward.forward_chunk = counted
     return calls
 
 
-def test_reversible_engine_gets_feed_forward_gradients_without_recomputing():
+@pytest.mark.parametrize("coupling", ["sublayer", "midpoint"])
+def test_reversible_engine_gets_feed_forward_gradients_without_recomputing(coupling):
     """In the engine's re-run the announced gradient lets each chunk compute output and gradients in one call; the
-    plain path recomputes each chunk in backward instead."""
-    model = RevformerForCausalLM(tiny_config(num_hidden_layers=2, chunk_size_feed_forward=8)).train()
+    plain path recomputes each chunk in backward instead. With the midpoint coupling the feed-forward is inside the
+    engine's sublayer (a whole layer, its output scaled for layers after the first), and still fuses."""
+    model = RevformerForCausalLM(tiny_config(num_hidden_layers=2, chunk_size_feed_forward=8, coupling=coupling)).train()
     ids = torch.randint(0, 128, (2, 48))  # 6 chunks per layer
     calls = count_chunk_calls(model)
     model(ids, labels=ids).loss.backward()
