@@ -4,8 +4,8 @@ Every stage runs through the project's own CLI, so what is measured is what a us
 
     teacher     a random `LlamaForCausalLM` + byte tokenizer saved to a folder, pretrained by
                 `scripts/finetune.py --train.init_from` on the stdlib corpus minus the held-out folders
-    convert     `scripts/convert.py S.teacher OUT --coupling C` for each coupling; validation loss at conversion
-    heal        `scripts/finetune.py --config configs/heal.yaml --train.distill_from S.teacher` for each coupling,
+    convert     `scripts/convert.py TEACHER OUT --coupling C` for each coupling; validation loss at conversion
+    heal        `scripts/finetune.py --config configs/heal.yaml --train.distill_from TEACHER` for each coupling,
                 and the same revformer shape trained from scratch on the same healing tokens
     finetune    the healed model and the teacher, fine-tuned the same way on the held-out folders
                 (text the teacher never saw); then peak activation memory of one forward+backward at 4K tokens
@@ -247,8 +247,9 @@ def memory_worker(spec: dict[str, Any]) -> None:
     torch.manual_seed(0)
     # revformer at its shipped loss chunking (the benchmark trains with full logits); one kernel for any depth
     shipped = {"loss_chunk_size": 256, "attention_layers": "full"} if "revformer" in spec["model"] else {}
-    config = AutoConfig.from_pretrained(spec["folder"], max_position_embeddings=S.memory_tokens,
-                                        num_hidden_layers=spec["layers"], **shipped)
+    saved = AutoConfig.from_pretrained(spec["folder"])  # rebuilt, so that per-layer fields follow the new depth
+    config = type(saved)(**{**saved.to_dict(), "max_position_embeddings": S.memory_tokens,
+                            "num_hidden_layers": spec["layers"], **shipped})
     model = AutoModelForCausalLM.from_config(config).train()
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable()
