@@ -340,6 +340,8 @@ def report() -> None:
         f"{S.teacher['num_attention_heads']} heads / {S.teacher['num_key_value_heads']} key-value heads, "
         f"{mtok(r['teacher']['tokens'])} tokens: **{teacher:.4f}**.",
         "",
+        "Wall times are those of a machine shared with other jobs (they measure no cost of a coupling).",
+        "",
         "| coupling | at conversion | healed (KL to the teacher) | vs teacher | healing tokens | wall |",
         "|---|---|---|---|---|---|",
     ]
