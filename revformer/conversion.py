@@ -98,10 +98,12 @@ def check_convertible(source_config: Any, name: str | None = None) -> None:
 
 
 def revformer_config_from(
-    source_config: Any, coupling: str = "midpoint", midpoint_step: float = 2.0, **overrides: Any
+    source_config: Any, coupling: str = "midpoint", midpoint_step: float = 2.0, name: str | None = None,
+    **overrides: Any,
 ) -> RevformerConfig:
-    """The RevformerConfig whose layers compute the source's blocks, joined by `coupling`; `overrides` win."""
-    check_convertible(source_config)
+    """The RevformerConfig whose layers compute the source's blocks, joined by `coupling`; `overrides` win.
+    `name`: the source's class, for the error message of an unsupported source."""
+    check_convertible(source_config, name)
     if coupling not in COUPLINGS:
         raise ConversionError(f"coupling must be one of {COUPLINGS}, got {coupling!r}.")
     sc = source_config
@@ -157,8 +159,7 @@ def weight_map(source_names: list[str], tied: bool) -> dict[str, str]:
 def convert_model(source: Any, coupling: str = "midpoint", midpoint_step: float = 2.0, **overrides: Any
                   ) -> RevformerForCausalLM:
     """A RevformerForCausalLM holding the weights of the loaded source model (every tensor placed, shapes checked)."""
-    check_convertible(source.config, type(source).__name__)
-    config = revformer_config_from(source.config, coupling, midpoint_step, **overrides)
+    config = revformer_config_from(source.config, coupling, midpoint_step, type(source).__name__, **overrides)
     state = source.state_dict()
     mapping = weight_map(list(state), tied=config.tie_word_embeddings)
     dtype = next(iter(state.values())).dtype
