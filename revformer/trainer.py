@@ -103,6 +103,9 @@ def build_teacher(run: RunConfig, model: torch.nn.Module, device: torch.device) 
     """The frozen `train.distill_from` model on `device` (None without distillation), checked against the student."""
     if not run.train.distill_from:
         return None
+    if not isinstance(model, RevformerForCausalLM):  # only revformer's loss takes the teacher's targets
+        raise ConfigError(f"train.distill_from needs a revformer student; train.init_from={run.train.init_from} is a "
+                          f"{type(model).__name__}. Convert it first (scripts/convert.py).")
     try:
         teacher = AutoModelForCausalLM.from_pretrained(run.train.distill_from)
     except (OSError, ValueError) as err:
