@@ -197,7 +197,7 @@ def model_card(source_name: str, config: RevformerConfig) -> str:
         "is healed by a short distillation from the source:",
         "",
         "```",
-        f"accelerate launch scripts/finetune.py --config configs/heal.yaml --train.init_from THIS_FOLDER \\",
+        "accelerate launch scripts/finetune.py --config configs/heal.yaml --train.init_from THIS_FOLDER \\",
         f"    --train.distill_from {source_name} --data.dataset YOUR_TEXT",
         "```",
         "",

@@ -368,13 +368,14 @@ class RevformerAttention(nn.Module):
             allowed = None  # plain causal: the kernel's own is_causal path
         else:
             allowed = dense_allowed(self.kind, t_q, t_k, key_padding_mask, document_ids, self.config)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(name, revformer_eager_attention)
         row_ok = None
-        if allowed is not None and key_padding_mask is not None:
+        if allowed is not None and key_padding_mask is not None and interface is not revformer_eager_attention:
             # A query that sees nothing (left padding) would give NaN in some kernels: let it see every key, then
-            # zero its output and probabilities.
+            # zero its output and probabilities. (The eager kernel zeroes such rows itself, so the probabilities it
+            # returns stay those its output is made of: on the loss's graph, for `retain_grad`.)
             row_ok = allowed.any(-1, keepdim=True)
             allowed = allowed | ~row_ok
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(name, revformer_eager_attention)
         out, weights = interface(self, q, k, v, allowed, dropout=dropout_p, scaling=self.scaling, **extra)
         if row_ok is not None:
             out = out * row_ok.squeeze(-1).transpose(1, 2).unsqueeze(-1).to(out.dtype)
@@ -529,8 +530,9 @@ class RevformerPreTrainedModel(PreTrainedModel):
     config: RevformerConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    # `activation_checkpointing_enable()` checkpoints each block of the plain path (`reversible=False`); the
-    # reversible path already keeps activation memory flat in depth: there it warns and changes nothing.
+    # `activation_checkpointing_enable()` checkpoints each block of the plain path (`reversible=False`, and the
+    # non-reversible forwards that return hidden states or attentions); the reversible path already recomputes
+    # every block in backward, so there the flag is set (Trainer, TRL and PEFT read it) and nothing else changes.
     supports_gradient_checkpointing = True
     # The sublayers, not the block: the reversible engine calls `block.f` and `block.g` directly, so they are the
     # units that FSDP must gather (and device maps must keep whole).
@@ -541,18 +543,12 @@ class RevformerPreTrainedModel(PreTrainedModel):
 
     def _activation_checkpointing_enable(self, *args, **kwargs) -> None:
         if self.config.reversible:
-            logger.warning_once(
-                "Activation (gradient) checkpointing has no effect on a reversible revformer: the reversible engine "
-                "already rebuilds every block's input in backward, so activation memory does not grow with depth. "
-                "Training runs reversibly and is_activation_checkpointing stays False; the setting applies only if "
-                "you set config.reversible=False."
+            logger.info(
+                "Activation checkpointing adds nothing to a reversible revformer: its backward already rebuilds "
+                "every block's input instead of storing it, so activation memory does not grow with depth. "
+                "is_activation_checkpointing reports True; training steps run reversibly as before."
             )
         super()._activation_checkpointing_enable(*args, **kwargs)
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        """Whether training steps checkpoint activations: never on the reversible path (it does not need to)."""
-        return not self.config.reversible and super().is_activation_checkpointing
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -631,6 +627,27 @@ class RevformerModel(RevformerPreTrainedModel):
             x1, x2 = reconstruct_inputs(y1, y2, units, aux, self.coupling, contexts)
         return max((x1.double() - x.double()).abs().max().item(), (x2.double() - x.double()).abs().max().item())
 
+    def _warn_past_trained_length(self, length: int, position_ids: Tensor) -> None:
+        """Warn once when a position reaches max_position_embeddings. RoPE is defined at every position, so the
+        model runs on (as Llama does); only its quality there is unknown. The limit is on positions, not on row
+        length: a padding-free batch packs many documents into one row, each restarting at position 0."""
+        limit = self.config.max_position_embeddings
+        if self.config.rope_parameters["rope_type"] == "dynamic":  # dynamic NTK scaling extends beyond it at run time
+            limit = int(limit * self.config.rope_parameters["factor"])
+        if length <= limit:  # positions never exceed past + seq: no device sync on ordinary inputs
+            return
+        largest = int(position_ids.max())
+        if largest >= limit:  # one message for every length, so that it is printed once
+            logger.warning_once(
+                f"Input reaches past the {limit} positions this model was trained for "
+                f"(max_position_embeddings={self.config.max_position_embeddings}, rope_parameters="
+                f"{self.config.rope_parameters}); running on, but quality there is unmeasured. To extend the "
+                f"context, use RoPE scaling, e.g. rope_parameters={{'rope_type': 'yarn', 'factor': 4.0, "
+                f"'original_max_position_embeddings': {self.config.max_position_embeddings}, 'rope_theta': "
+                f"{self.config.rope_parameters.get('rope_theta')}}} with max_position_embeddings="
+                f"{4 * self.config.max_position_embeddings}."
+            )
+
     @staticmethod
     def _padding_from_4d_mask(mask: Tensor, cache: Cache | None) -> Tensor:
         """(B, T_past + T) padding mask from a 4D causal mask (B, 1, Tq, Tk), as generate() builds for a static cache.
@@ -671,25 +688,19 @@ class RevformerModel(RevformerPreTrainedModel):
             # A KV cache only when one is passed or asked for (generate does both): an evaluation forward would
             # otherwise build a cache of every layer's keys and values that nobody reads.
             use_cache = cache is not None
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
         batch, seq = inputs_embeds.shape[:2]
+        if seq == 0:
+            raise ValueError(f"Empty input: {'input_ids' if input_ids is not None else 'inputs_embeds'} has shape "
+                             f"{tuple((input_ids if input_ids is not None else inputs_embeds).shape)}, no tokens to "
+                             "run; pass at least one token per row (check the tokenizer's output for an empty text).")
         past = int(cache.get_seq_length()) if cache is not None else 0  # a copy: static caches count in place
-        limit = self.config.max_position_embeddings
-        if self.config.rope_parameters["rope_type"] == "dynamic":  # dynamic NTK scaling extends beyond it at run time
-            limit = int(limit * self.config.rope_parameters["factor"])
-        if past + seq > limit:
-            raise ValueError(
-                f"Sequence of {past + seq} tokens is longer than this model allows ({limit} tokens: "
-                f"max_position_embeddings={self.config.max_position_embeddings}, rope_parameters="
-                f"{self.config.rope_parameters}); truncate the input, or extend the context with RoPE scaling "
-                f"(e.g. rope_parameters={{'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': "
-                f"{self.config.max_position_embeddings}}} and max_position_embeddings="
-                f"{4 * self.config.max_position_embeddings})."
-            )
         document_ids = None  # (B, T): packed documents, from position_ids that restart (padding-free batches)
         unpadded = attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))
         if position_ids is not None and past == 0 and cache is None and unpadded:
@@ -700,6 +711,7 @@ class RevformerModel(RevformerPreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         if position_ids is None:
             position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).unsqueeze(0)
+        self._warn_past_trained_length(past + seq, position_ids)
         cos, sin = self.rotary_emb(inputs_embeds, position_ids)  # (B|1, T, D)
         key_padding_mask = None  # (B, T_past + T) bool, True = real token; None when nothing is padded
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
@@ -743,6 +755,21 @@ class RevformerModel(RevformerPreTrainedModel):
             attentions=tuple(attentions) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
+
+
+def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """A clear error for a token id outside the vocabulary (torch's is `index out of range in self`, or a device-side
+    assert on CUDA that ends the process)."""
+    if input_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = (int(v) for v in torch.aminmax(input_ids))
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"Token id {bad} is outside this model's vocabulary (ids 0..{vocab_size - 1}, vocab_size={vocab_size}). "
+            "The tokenizer probably does not belong to this model: load the one saved with it, or resize the "
+            "embeddings with model.resize_token_embeddings(len(tokenizer)) after adding tokens."
+        )
 
 
 def _head_dtype(weight: Tensor) -> torch.dtype:

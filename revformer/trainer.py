@@ -581,6 +581,22 @@ class Session:
         return Path(self.run.train.output_dir)
 
 
+def drop_tied_aliases(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """`save_state` hook: leave a tied LM head out of each checkpoint's state dict, as save_pretrained does (it is
+    the embedding; loading fills both). accelerate would drop it too, but with a warning that asks the user to
+    check the checkpoint. FSDP checkpoints pass no state dicts here and need nothing."""
+    for model, state in zip(models, weights):
+        inner = getattr(model, "module", model)  # DDP's wrapper names every key `module.<name>`
+        prefix = "module." if inner is not model else ""
+        tied = getattr(inner, "_tied_weights_keys", None)
+        if not isinstance(tied, dict) or not getattr(getattr(inner, "config", None), "tie_word_embeddings", False):
+            continue
+        for alias, source in tied.items():
+            a, b = state.get(prefix + alias), state.get(prefix + source)
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr():
+                del state[prefix + alias]
+
+
 def make_accelerator(run: RunConfig, log_with: str | None) -> Accelerator:
     """The Accelerator of a run, FSDP2 on CPU processes included; checks the batch splits between processes."""
     accelerator = Accelerator(
@@ -598,6 +614,7 @@ def make_accelerator(run: RunConfig, log_with: str | None) -> Accelerator:
     )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         enable_fsdp_on_cpu(accelerator)
+    accelerator.register_save_state_pre_hook(drop_tied_aliases)
     if run.train.batch_size % accelerator.num_processes:
         raise ConfigError(
             f"train.batch_size={run.train.batch_size} must be divisible by the {accelerator.num_processes} processes "

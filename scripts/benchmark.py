@@ -38,6 +38,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ SUITES = ("depth", "core", "length", "longseq", "quality", "memory", "cost")
 STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "llama": ("C2", "^", "-"),
           "llama_ckpt": ("C3", "v", "--"), "reformer": ("C4", "D", ":")}
 RESULT_PREFIX = "BENCH_RESULT "
+WRITE_LOCK = threading.Lock()
 MiB = 2**20
 # glibc: serve allocations above 128 KiB with mmap and trim the heap above 128 KiB, so that freed tensor memory
 # leaves the process at once and peak RSS tracks live tensor memory (several times slower: memory runs only).
@@ -512,8 +514,11 @@ def evaluate_bpb(model: Any, corpus: Corpus, spec: Spec, blocks: int | None = No
     return nats / (math.log(2) * n_bytes)
 
 
-def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks: int, data: str) -> None:
-    """Train `spec.model` for `steps` steps on the stdlib bytes and report loss curves and validation bpb."""
+def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks: int, data: str,
+                 curve_blocks: int = 32) -> None:
+    """Train `spec.model` for `steps` steps on the stdlib bytes and report loss curves and validation bpb (the
+    curve on `curve_blocks` validation blocks, the end on all `val_blocks`), and for the reversible model the
+    reconstruction error of its trained weights."""
     import torch
 
     setup_worker(spec)
@@ -529,7 +534,7 @@ def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks:
         return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    curve_blocks = min(32, len(corpus.val))
+    curve_blocks = min(curve_blocks, len(corpus.val))
     losses, val_curve = [], []
     start = time.perf_counter()
     for step in range(steps):
@@ -542,7 +547,19 @@ def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks:
           **param_stats(model), "ok": True, "data": corpus.source, "steps": steps, "lr": lr,
           "tokens": steps * spec.batch_size * spec.seq_len, "train_s": train_s, "train_losses": losses,
           "val_bpb_curve": val_curve, "val_curve_blocks": curve_blocks, "val_blocks": len(corpus.val),
-          "val_bytes": sum(corpus.val_bytes), "val_bpb": evaluate_bpb(model, corpus, spec)})
+          "val_bytes": sum(corpus.val_bytes), "val_bpb": evaluate_bpb(model, corpus, spec),
+          "reconstruction_error": reconstruction_error(model, corpus, spec)})
+
+
+def reconstruction_error(model: Any, corpus: Corpus, spec: Spec) -> float | None:
+    """max |x - x'| of the trained reversible model on 8 validation blocks (None for other models)."""
+    if spec.model != "revformer":
+        return None
+    model.eval()
+    with autocast(spec):
+        error = model.model.reconstruction_error(corpus.val[:8].to(spec.device))
+    model.train()
+    return error
 
 
 def worker_main(payload: dict[str, Any]) -> None:
@@ -554,7 +571,7 @@ def worker_main(payload: dict[str, Any]) -> None:
         time_worker([Spec(**s) for s in payload["specs"]], payload["warmup"], payload["steps"])
     elif mode == "train":
         train_worker(Spec(**payload["spec"]), payload["steps"], payload["lr"], payload["eval_every"],
-                     payload["val_blocks"], payload["data"])
+                     payload["val_blocks"], payload["data"], payload.get("curve_blocks", 32))
     else:
         raise ValueError(f"unknown worker mode {mode!r}")
 
@@ -591,7 +608,7 @@ class Runner:
             records = [{"mode": payload["mode"], "spec": spec, "ok": False, "returncode": rc,
                         "error": (err or "")[-2000:]}]
         wall = time.perf_counter() - start
-        with open(self.out / f"{suite}.jsonl", "a") as f:
+        with WRITE_LOCK, open(self.out / f"{suite}.jsonl", "a") as f:  # whole lines when runners share a file
             for record in records:
                 record.update(suite=suite, worker_wall_s=round(wall, 2),
                               timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -2,6 +2,8 @@
 
     python scripts/evaluate.py runs/tiny/model                       # the validation split the run held out
     python scripts/evaluate.py runs/tiny/model --data.dataset test.txt   # a file or folder: all of its text
+    python scripts/evaluate.py runs/tiny/model --data.dataset texts/ --data.validation_fraction 0.2
+                                                                     # the part training would hold out
     python scripts/evaluate.py runs/tiny/model --data.validation_split test   # a named split of the run's dataset
     accelerate launch scripts/evaluate.py runs/tiny/model ...        # several processes
 
@@ -48,14 +50,17 @@ def main() -> None:
         if config is None and (Path(args.model) / "train_config.yaml").is_file():
             config = Path(args.model) / "train_config.yaml"
         run = load_run_config(config, overrides)
-        # What to score: a split named on the command line, a file/folder named on it (all of it), or else the
-        # validation split exactly as the run held it out.
+        # What to score: a split named on the command line, a file/folder named on it (all of it, unless a
+        # validation_fraction is named too), or else the validation split exactly as training holds it out.
         if "validation_split" in given["data"]:
             split, what = run.data.validation_split, f"split {run.data.validation_split!r} of {run.data.dataset}"
-        elif "dataset" in given["data"]:
+        elif "dataset" in given["data"] and "validation_fraction" not in given["data"]:
             split, what = "*", f"all of {run.data.dataset}"
         else:
             split, what = None, f"the validation split held out from {run.data.dataset}"
+            if "validation_fraction" in given["data"]:
+                what += (f" as training splits it (validation_fraction={run.data.validation_fraction} of its "
+                         "documents, or its own validation split where it has one)")
         accelerator = Accelerator(mixed_precision=run.train.mixed_precision)
         tokenizer = load_tokenizer(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model)
@@ -73,7 +78,7 @@ def main() -> None:
     except (ConfigError, DataError) as err:
         sys.exit(f"error: {err}")
     if accelerator.is_main_process:
-        print(f"scored: {what}", file=sys.stderr)
+        print(f"scored: {what}; {len(blocks)} blocks of {run.data.block_size} tokens", file=sys.stderr)
         print(json.dumps(metrics, indent=2))
 
 

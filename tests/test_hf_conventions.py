@@ -52,27 +52,34 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients(reentran
     assert len(calls) == 2
 
 
-def test_activation_checkpointing_on_reversible_path_warns_and_reports_false():
+def test_activation_checkpointing_on_reversible_path_sets_the_flag_and_recomputes_nothing_more():
+    """The reversible backward is the recomputation: enabling checkpointing (as Trainer, TRL and PEFT do) sets the
+    flag that they and transformers' common tests read on every module that has one, and the engine still runs each
+    block once forward and once in backward, with the same gradients."""
     torch.manual_seed(0)
     model = RevformerForCausalLM(tiny_config()).train()
     ids = torch.randint(3, 128, (2, 16))
     reference = _grads(model, ids)
     calls = []
     model.model.layers[0].attention.register_forward_hook(lambda *_: calls.append(1))
-    logger = logging.get_logger(modeling_revformer.__name__)
-    with CaptureLogger(logger) as captured:
-        model.activation_checkpointing_enable()
-    assert "no effect on a reversible revformer" in captured.out
     assert not model.is_activation_checkpointing
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    assert len(flagged) >= 1 + len(model.model.layers) and all(m.gradient_checkpointing for m in flagged)
     with pytest.warns(FutureWarning):  # the deprecated alias answers the same
-        assert not model.is_gradient_checkpointing
+        assert model.is_gradient_checkpointing
     grads = _grads(model, ids)
     assert len(calls) == 2  # the engine's forward and its one re-run in backward: nothing checkpoints on top
     for name, grad in reference.items():
         assert relative_error(grads[name], grad) < 1e-6, name
-    # The flag still takes effect if the model is switched to the plain path.
-    model.config.reversible = False
-    assert model.is_activation_checkpointing
+    # A forward that returns hidden states runs the plain stack, where the flag checkpoints each block.
+    calls.clear()
+    model(ids, labels=ids, output_hidden_states=True).loss.backward()
+    assert len(calls) == 2
+    model.activation_checkpointing_disable()
+    assert not model.is_activation_checkpointing
+    assert not any(m.gradient_checkpointing for m in flagged)
 
 
 # --- RoPE scaling -----------------------------------------------------------------------------------------------
@@ -112,7 +119,8 @@ def test_rope_tables_equal_llamas(rope_type):
 
 def test_rope_scaling_changes_logits_as_llamas_does():
     """ModelTesterMixin.test_model_rope_scaling_from_config: on a short input `dynamic` equals no scaling and
-    `linear` does not; on an input past max_position_embeddings `dynamic` differs too."""
+    `linear` does not; past max_position_embeddings every model runs (with one warning naming RoPE scaling) and
+    `dynamic`, `linear` differ from no scaling."""
     ids_short = torch.randint(3, 128, (1, 10))
     ids_long = torch.randint(3, 128, (1, 100))
 
@@ -125,11 +133,15 @@ def test_rope_scaling_changes_logits_as_llamas_does():
     original = logits(None, ids_short)
     torch.testing.assert_close(logits({"rope_type": "dynamic", "factor": 4.0}, ids_short), original)
     assert not torch.allclose(logits({"rope_type": "linear", "factor": 4.0}, ids_short), original, atol=1e-5)
-    with pytest.raises(ValueError, match="rope_type': 'yarn'"):  # past the limit without scaling: names the fix
+    with CaptureLogger(logging.get_logger(modeling_revformer.__name__)) as captured:
+        original_long = logits(None, ids_long)
         logits(None, ids_long)
-    dynamic_long = logits({"rope_type": "dynamic", "factor": 4.0}, ids_long)  # dynamic extends the limit
-    default_long = logits(None, torch.cat([ids_long[:, :64]], dim=1))
-    assert not torch.allclose(dynamic_long[:, :64], default_long, atol=1e-5)
+    assert captured.out.count("past the 64 positions") == 1, captured.out
+    assert "rope_type': 'yarn'" in captured.out  # names the fix
+    torch.testing.assert_close(original_long[:, :64], logits(None, ids_long[:, :64]), rtol=1e-5, atol=1e-5)
+    for scaling in ("dynamic", "linear"):
+        scaled_long = logits({"rope_type": scaling, "factor": 4.0}, ids_long)
+        assert not torch.allclose(scaled_long, original_long, atol=1e-5), scaling
 
 
 def test_yarn_runs_a_short_trained_model_four_times_longer(tmp_path):

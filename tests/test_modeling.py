@@ -147,10 +147,89 @@ def test_loss_matches_manual_shifted_cross_entropy_and_ignores_minus_100(model):
     assert torch.allclose(summed, expected * (labels[:, 1:] != -100).sum(), rtol=1e-5)
 
 
-def test_too_long_sequence_names_the_limit(model):
-    ids = torch.zeros(1, model.config.max_position_embeddings + 1, dtype=torch.long)
-    with pytest.raises(ValueError, match="max_position_embeddings=256"):
+def _revformer_log():
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    return CaptureLogger(logging.get_logger("revformer.modeling_revformer"))
+
+
+def test_generation_runs_past_max_position_embeddings_with_one_warning():
+    """A 30-token prompt and 8 new tokens on a 32-position model: all 8 come out (Llama's behaviour), equal to the
+    uncached forward's greedy choices, and one warning names RoPE scaling."""
+    torch.manual_seed(0)
+    model = RevformerForCausalLM(tiny_config(max_position_embeddings=32, rms_norm_eps=1.1e-6)).eval()
+    prompt = torch.randint(3, 128, (1, 30))
+    with _revformer_log() as captured:
+        out = model.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert out.shape == (1, 38)
+    assert captured.out.count("past the 32 positions") == 1 and "rope_type': 'yarn'" in captured.out
+    with torch.no_grad():
+        logits = model(out[:, :-1]).logits
+    assert torch.equal(logits[0, 29:].argmax(-1), out[0, 30:])
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"attention_layers": ["local", "lsh"]}, {"coupling": "midpoint", "num_key_value_heads": 2, "qk_norm": True},
+], ids=["full", "local+lsh", "midpoint+gqa+qk_norm"])
+def test_packed_row_longer_than_the_context_equals_its_documents(overrides):
+    """A padding-free row (TRL packing, DataCollatorWithFlattening) is longer than max_position_embeddings while
+    no position in it is: it runs without a warning, and each document's logits and gradients equal its own run's."""
+    torch.manual_seed(0)
+    config = tiny_config(max_position_embeddings=16, local_chunk_length=4, lsh_chunk_length=4, lsh_num_buckets=4,
+                         rms_norm_eps=1.2e-6, **overrides)
+    model = RevformerForCausalLM(config).eval()  # eval: fixed LSH rotations (gradients still flow, reversibly)
+    docs = [torch.randint(3, 128, (1, n)) for n in (16, 11, 16, 5)]
+    row = torch.cat(docs, dim=1)  # 48 tokens
+    positions = torch.cat([torch.arange(d.shape[1]) for d in docs]).unsqueeze(0)
+    with _revformer_log() as captured:
+        packed = model(row, position_ids=positions, labels=row)
+    assert "past the" not in captured.out
+    packed.logits.sum().backward()
+    packed_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    start, total = 0, 0
+    for doc in docs:
+        alone = model(doc)
+        end = start + doc.shape[1]
+        assert relative_error(packed.logits[:, start:end], alone.logits) < 1e-5
+        total = total + alone.logits.sum()
+        start = end
+    total.backward()
+    assert relative_error(packed_grad, model.lm_head.weight.grad) < 1e-4
+
+
+@pytest.mark.parametrize("bad", [128, 500, -1])
+def test_token_id_outside_the_vocabulary_names_it(model, bad):
+    ids = torch.tensor([[5, 6, bad, 7]])
+    with pytest.raises(ValueError, match=rf"Token id {bad} is outside .*vocab_size=128.*tokenizer"):
         model(ids)
+
+
+def test_empty_input_gets_a_clear_error(model):
+    with pytest.raises(ValueError, match=r"Empty input: input_ids has shape \(1, 0\)"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kind", ["full", "local", "lsh"])
+def test_returned_attentions_and_hidden_states_are_on_the_graph(kind):
+    """ModelTesterMixin.test_retain_grad_hidden_states_attentions, with left padding (a row whose first queries see
+    no key): the returned probabilities are the ones the output is made of, so `retain_grad` gets a gradient."""
+    torch.manual_seed(0)
+    config = tiny_config(attention_layers=kind, local_chunk_length=4, lsh_chunk_length=4, lsh_num_buckets=2,
+                         output_attentions=True, output_hidden_states=True)
+    model = RevformerForCausalLM._from_config(config, attn_implementation="eager")
+    ids = torch.randint(3, 128, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    out = model(input_ids=ids, attention_mask=mask)
+    attentions, hidden = out.attentions[0], out.hidden_states[0]
+    attentions.retain_grad()
+    hidden.retain_grad()
+    out[0][1].sum().backward()
+    assert attentions.grad is not None and hidden.grad is not None
+    assert attentions.grad[1].abs().sum() > 0
+    assert torch.all(attentions[0, :, :3] == 0)  # padded queries see nothing and get zero probabilities
 
 
 def test_gradient_checkpointing_and_peft_hooks_work():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, env, launch, make_workdir, weights
 from revformer.config import ConfigError, load_run_config
@@ -56,7 +57,9 @@ def test_stop_and_resume_equals_uninterrupted_even_past_a_truncated_checkpoint(w
     out = workdir / "resumed"
     common = ["--config", "tiny.yaml", "--train.output_dir", str(out), "--train.checkpoint_every", "4",
               "--train.keep_checkpoints", "3"]
-    launch("pretrain.py", workdir, *common, "--train.stop_after_steps", "11")
+    first = launch("pretrain.py", workdir, *common, "--train.stop_after_steps", "11")
+    # The tied LM head is left out of checkpoints quietly (it is the embedding), not by accelerate's warning.
+    assert "Removed shared tensor" not in first.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] and not (out / "model").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000004", "step_0000008", "step_0000011"]
     damaged = out / "checkpoints" / "step_0000011" / "model.safetensors"
@@ -117,8 +120,11 @@ def test_two_process_ddp_matches_one_process(workdir):
     # Dropout off: two processes draw their masks from two RNG streams, one process from one.
     common = ["--config", "tiny.yaml", "--model.hidden_dropout", "0.0", "--train.max_steps", "6"]
     launch("pretrain.py", workdir, *common, "--train.output_dir", str(workdir / "single"))
-    result = launch("pretrain.py", workdir, *common, "--train.output_dir", str(workdir / "ddp"), processes=2)
+    result = launch("pretrain.py", workdir, *common, "--train.output_dir", str(workdir / "ddp"),
+                    "--train.checkpoint_every", "3", processes=2)
     assert result.stdout.count("final:") == 1  # one main process, not two independent runs
+    assert "Removed shared tensor" not in result.stderr  # DDP's `module.` keys: the tied head still left out
+    assert "lm_head.weight" not in load_file(workdir / "ddp" / "checkpoints" / "step_0000006" / "model.safetensors")
     assert "2 process(es), MULTI_CPU" in result.stdout
     ddp, single = weights(workdir / "ddp"), weights(workdir / "single")
     for name in single:
@@ -198,8 +204,6 @@ def test_divergence_keeps_the_last_finite_checkpoint_and_its_advice_works(workdi
     last = out / "checkpoints" / "step_0000004"
     assert sorted((out / "checkpoints").iterdir()) == [last]  # nothing written from the diverged state
     assert f"--train.resume_from_checkpoint {last}" in result.stderr
-    from safetensors.torch import load_file
-
     assert all(torch.isfinite(t).all() for t in load_file(last / "model.safetensors").values())
     # The advice, followed: resume from that checkpoint with a lower learning rate, and the run completes.
     done = launch("pretrain.py", workdir, *common, "--train.resume_from_checkpoint", str(last),
@@ -317,6 +321,18 @@ def test_evaluate_script_scores_a_named_file_folder_or_split(uninterrupted, work
                               "--data.validation_split", "test").stdout)
     assert one_file == split  # the same text, named two ways
     assert one_file["eval/loss"] > 0 and one_file["eval/bpb"] > 0
+    # A folder and a validation_fraction: the documents training would hold out, not all of them.
+    folder = workdir / "no_splits"
+    folder.mkdir()
+    for i in range(10):
+        (folder / f"doc{i}.txt").write_text(f"def f{i}(a):\n    return a * {i}\n" * (30 + 7 * i))
+    whole = launch("evaluate.py", workdir, model, "--data.dataset", str(folder))
+    held_out = launch("evaluate.py", workdir, model, "--data.dataset", str(folder),
+                      "--data.validation_fraction", "0.2")
+    assert "scored: all of" in whole.stderr
+    assert "held out from" in held_out.stderr and "validation_fraction=0.2" in held_out.stderr
+    blocks = [int(re.search(r"; (\d+) blocks of", r.stderr).group(1)) for r in (whole, held_out)]
+    assert 0 < blocks[1] < blocks[0] / 2, blocks
     sampled = launch("evaluate.py", workdir, model, "--eval_batches", "1", "--train.batch_size", "2")
     assert "a fixed random sample of 1 batches" in sampled.stderr  # honoured, not silently ignored
 
