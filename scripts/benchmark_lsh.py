@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""LSH attention measurements for issue 12: causality/determinism checks and peak training memory.
+"""LSH attention measurements: causality/determinism checks and peak training memory.
 
-``python scripts/benchmark_lsh.py leak``: the issue's leak probe (2 `lsh` layers, 8 buckets, 2 hashes, chunk 8,
+``python scripts/benchmark_lsh.py leak``: the leak probe (2 `lsh` layers, 8 buckets, 2 hashes, chunk 8,
 attention weights scaled up so attention is not uniform): max |change| of logits before a perturbed token (train
 mode under one seed, eval mode), eval run-to-run difference, cached decoding vs the full forward, and a left-padded
 row vs the same row unpadded, for `full`, `local` and `lsh`.

@@ -21,7 +21,7 @@ kept, and the next one starts; unused time passes to later stages):
 
 Everything goes to the output folder: ``gpu_check.log`` (the console), ``env.json``, ``tests.*``, ``bench/`` (the
 benchmark suites' JSON lines, tables and plots), ``length_targets.jsonl`` and ``SUMMARY.md`` / ``summary.json``
-(the issue's targets: reversible bf16 step <= 1.25x plain at 12 x 1024 and 8K tokens; longest sequence >= 1M tokens
+(the GPU targets: reversible bf16 step <= 1.25x plain at 12 x 1024 and 8K tokens; longest sequence >= 1M tokens
 with local/LSH and >= 256K with full attention; MFU >= 40% at 8K). Installs nothing.
 """
 
@@ -502,7 +502,7 @@ def junit_counts(path: Path) -> dict[str, Any]:
 
 
 def build_summary(out: Path, env: dict[str, Any], stages: dict[str, Any], wall: float, cap: float) -> dict[str, Any]:
-    """Every figure the issue asks for, with met / missed / not measured against its target."""
+    """Every GPU target figure, with met / missed / not measured against its target."""
     bench = out / "bench"
     core = read_jsonl(bench / "core.jsonl")
     peak = env.get("peak_bf16_tflops")

@@ -1,4 +1,4 @@
-"""Hugging Face conventions that tools built on transformers rely on (issue 14), tested as behaviour.
+"""Hugging Face conventions that tools built on transformers rely on, tested as behaviour.
 
 Each test mirrors a capability that transformers' common model tests (ModelTesterMixin / GenerationTesterMixin)
 check for models inside the library, compared against LlamaForCausalLM where the convention is Llama's.
