@@ -403,12 +403,11 @@ def test_generation_with_a_cache(device, kinds, report):
     assert error <= 1e-4
 
 
-# ---------------------------------------------------------------------------------- scripts/gpu_check.py itself
+# -------------------------------------------------------- scripts/gpu_check.py itself (benchmarks/suites/gpu_check.py)
 
 
 def gpu_check_module():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import gpu_check
+    from benchmarks.suites import gpu_check
 
     return gpu_check
 

@@ -1,0 +1,178 @@
+"""The models the benchmarks compare, at the same width, depth, heads, vocabulary and sequence length, and one
+training step of them.
+
+- ``revformer``: RevformerForCausalLM, reversible engine;
+- ``revformer_plain``: the same model with ``reversible=False`` (ordinary autograd);
+- ``llama`` / ``llama_ckpt``: Hugging Face LlamaForCausalLM (sdpa), without / with activation checkpointing;
+- ``reformer``: Hugging Face ReformerModelWithLMHead (causal; local attention, or LSH with ``attention="lsh"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+MODELS = ("revformer", "revformer_plain", "llama", "llama_ckpt", "reformer")
+LABELS = {
+    "revformer": "revformer (reversible)",
+    "revformer_plain": "revformer (reversible=False)",
+    "llama": "Llama",
+    "llama_ckpt": "Llama + checkpointing",
+    "reformer": "HF Reformer (local)",
+}
+# Plot style per model (colour, marker, line): overlapping curves stay visible.
+STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "llama": ("C2", "^", "-"),
+          "llama_ckpt": ("C3", "v", "--"), "reformer": ("C4", "D", ":")}
+
+
+@dataclass
+class Spec:
+    """One model configuration for one training step."""
+
+    model: str
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 0  # 0: SwiGLU default, 8/3 * hidden_size rounded up to a multiple of 8
+    vocab_size: int = 259  # byte-level: 256 bytes + 3 specials
+    seq_len: int = 1024
+    batch_size: int = 1
+    attention: str = "full"  # revformer's kernel: full | local | lsh (Reformer: lsh, else local)
+    attn_chunk: int = 128  # local / lsh chunk length (revformer and Reformer)
+    chunk: int | None = None  # revformer chunk_size_feed_forward and loss_chunk_size (0 = none, None = defaults)
+    ff_chunk: int | None = None  # chunk_size_feed_forward alone, overriding `chunk` (Reformer: its FF chunk)
+    loss_chunk: int | None = None  # loss_chunk_size alone, overriding `chunk` (Reformer: its LM-head chunk)
+    device: str = "cpu"
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    threads: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {MODELS}")
+        if not self.intermediate_size:
+            self.intermediate_size = -(-8 * self.hidden_size // 3 // 8) * 8
+
+    def replace(self, **changes: Any) -> Spec:
+        return dataclasses.replace(self, **changes)
+
+
+def spec_from(sizes: dict[str, Any], model: str, **overrides: Any) -> Spec:
+    """A Spec from a suite's sizes (keys that are no Spec field are ignored) and overrides."""
+    keys = {f.name for f in dataclasses.fields(Spec)}
+    return Spec(**{**{k: v for k, v in sizes.items() if k in keys}, "model": model, **overrides})
+
+
+def build_model(spec: Spec) -> Any:
+    """The model `spec.model`, seeded, in training mode, on `spec.device` (fp32 weights)."""
+    import torch
+
+    torch.manual_seed(spec.seed)
+    common = {"vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers,
+              "num_attention_heads": spec.num_heads, "max_position_embeddings": spec.seq_len, "use_cache": False}
+    buckets = max(2, spec.seq_len // spec.attn_chunk // 2 * 2)  # ~one bucket per chunk, even
+    if spec.model.startswith("revformer"):
+        from revformer import RevformerConfig, RevformerForCausalLM
+
+        chunks = {"chunk_size_feed_forward": spec.chunk if spec.ff_chunk is None else spec.ff_chunk,
+                  "loss_chunk_size": spec.chunk if spec.loss_chunk is None else spec.loss_chunk}
+        config = RevformerConfig(
+            **common, intermediate_size=spec.intermediate_size, reversible=spec.model == "revformer",
+            attention_layers=spec.attention, local_chunk_length=spec.attn_chunk, lsh_chunk_length=spec.attn_chunk,
+            lsh_num_buckets=buckets, lsh_num_hashes=2, **{k: v for k, v in chunks.items() if v is not None},
+        )  # fmt: skip
+        model = RevformerForCausalLM(config)
+    elif spec.model.startswith("llama"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**common, intermediate_size=spec.intermediate_size, num_key_value_heads=spec.num_heads,
+                             tie_word_embeddings=True, attn_implementation="sdpa")
+        model = LlamaForCausalLM(config)
+        if spec.model == "llama_ckpt":
+            model.activation_checkpointing_enable()
+    else:
+        from transformers import ReformerConfig, ReformerModelWithLMHead
+
+        if spec.attention == "lsh":  # as many hashes and buckets as revformer's lsh layers
+            kind = {"attn_layers": ["lsh"] * spec.num_layers, "lsh_attn_chunk_length": spec.attn_chunk,
+                    "lsh_num_chunks_before": 1, "lsh_num_chunks_after": 0, "num_hashes": 2, "num_buckets": buckets}
+        else:
+            kind = {"attn_layers": ["local"] * spec.num_layers, "local_attn_chunk_length": spec.attn_chunk,
+                    "local_num_chunks_before": 1, "local_num_chunks_after": 0}
+        # Its feed-forward has 2 matrices (SwiGLU has 3): 1.5x wider gives the same parameters per layer.
+        config = ReformerConfig(
+            **common, **kind, feed_forward_size=3 * spec.intermediate_size // 2,
+            attention_head_size=spec.hidden_size // spec.num_heads, is_decoder=True, axial_pos_embds=False,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0,
+            lsh_attention_probs_dropout_prob=0.0, chunk_size_lm_head=spec.loss_chunk or 0,
+            chunk_size_feed_forward=spec.ff_chunk or 0, pad_token_id=0,
+        )  # fmt: skip
+        model = ReformerModelWithLMHead(config)
+    return model.to(spec.device).train()
+
+
+def make_optimizer(model: Any, lr: float = 1e-4, weight_decay: float = 0.0) -> Any:
+    """AdamW, fused (one kernel per step, no foreach temporaries, so it never sets the peak)."""
+    import torch
+
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=True)
+
+
+def autocast(device: str, dtype: str) -> Any:
+    """bf16 autocast on `device`'s type when `dtype` is bf16, else a no-op context."""
+    import torch
+
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def forward_backward(model: Any, ids: Any, device: str, dtype: str) -> Any:
+    """Forward with labels and backward; the loss, detached."""
+    with autocast(device, dtype):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach()
+
+
+def train_step(model: Any, optimizer: Any, ids: Any, device: str, dtype: str, clip: float | None = None) -> float:
+    """One full training step: forward with labels, backward, (clip,) optimizer step, zero grads."""
+    import torch
+
+    loss = forward_backward(model, ids, device, dtype)
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def random_ids(spec: Spec, seq_len: int | None = None) -> Any:
+    """Token ids of one batch, seeded by the spec (the 3 special ids left out)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(spec.seed + 1)
+    ids = torch.randint(3, spec.vocab_size, (spec.batch_size, seq_len or spec.seq_len), generator=generator)
+    return ids.to(spec.device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU, so a timer measures the work and not its launch."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def param_stats(model: Any, optimizer: Any | None = None) -> dict[str, int]:
+    """Parameter count and the bytes of parameters, gradients (one per trainable parameter) and optimizer state."""
+    import torch
+
+    params = list(model.parameters())
+    state = 0
+    if optimizer is not None:
+        state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                    if torch.is_tensor(v))
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    grad_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    return {"params": sum(p.numel() for p in params), "param_bytes": param_bytes, "grad_bytes": grad_bytes,
+            "optimizer_state_bytes": state, "static_bytes": param_bytes + grad_bytes + state}

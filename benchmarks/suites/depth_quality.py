@@ -1,0 +1,225 @@
+"""Quality against depth: revformer (reversible) and a Llama of equal parameters on the same tokens, at several depths.
+
+Usage: python scripts/benchmark_depth_quality.py [--tiny] [--jobs 2] [--out DIR] [report]
+
+Both models have the same width, depth, heads, SwiGLU width, byte vocabulary and tied embeddings; their parameter
+counts are equal (printed per run). For each depth and architecture the learning rate is picked on a short sweep
+(`sweep_steps`, validation bpb on an evenly spaced sample of the validation split), then the best one trains for
+`steps` steps, logging validation bpb every `eval_every` steps on `curve_blocks` blocks and scoring the whole
+validation split at the end. revformer's plain path (`reversible=False`) trains once at `plain_depth` with
+revformer's learning rate as a check that the reversible engine changes nothing. The reversible runs report the
+reconstruction error of their trained weights (float32 streams; 0 would mean bit-exact).
+
+Data: the stdlib byte corpus of `revformer.data` (files held out by hash for validation), the quality suite of
+benchmark.py. Every run is a fresh process (`python -m benchmarks.worker`), `--jobs` of them at once, one thread each.
+Results are appended run by run to `benchmarks/results/depth_quality/{sweep,main}.jsonl`, so a stopped sweep
+resumes where it stopped; README.md and depth_quality.png are re-rendered after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import RESULTS
+from ..models import LABELS, Spec
+from ..report import model_style, pyplot, read_records, save_figure
+from ..runner import Runner
+
+OUT = RESULTS / "depth_quality"
+ARCHS = ("revformer", "llama")
+
+
+@dataclass
+class Sizes:
+    hidden_size: int = 128
+    num_heads: int = 4
+    seq_len: int = 256
+    batch_size: int = 8
+    depths: list[int] = field(default_factory=lambda: [4, 12, 24])
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3])
+    sweep_steps: int = 200
+    steps: int = 1000
+    eval_every: int = 100
+    curve_blocks: int = 128
+    sweep_val_blocks: int = 512
+    val_blocks: int = 10**9  # the whole validation split
+    plain_depth: int = 4
+
+
+# --tiny: every phase at one depth, 7 short runs (the test's run); nothing it measures means anything.
+TINY = Sizes(hidden_size=32, num_heads=2, seq_len=64, batch_size=2, depths=[1], lrs=[3e-3, 1e-2], sweep_steps=3,
+             steps=4, eval_every=2, curve_blocks=4, sweep_val_blocks=8, val_blocks=16, plain_depth=1)
+
+
+def spec(sizes: Sizes, model: str, layers: int) -> Spec:
+    return Spec(model=model, hidden_size=sizes.hidden_size, num_layers=layers, num_heads=sizes.num_heads,
+                  seq_len=sizes.seq_len, batch_size=sizes.batch_size, threads=1)
+
+
+def key(record: dict[str, Any]) -> tuple[str, int, float]:
+    return record["spec"]["model"], record["spec"]["num_layers"], record["lr"]
+
+
+def done(out: Path, phase: str) -> dict[tuple[str, int, float], dict[str, Any]]:
+    return {key(r): r for r in read_records(out / f"{phase}.jsonl") if r.get("mode") == "train" and r.get("ok")}
+
+
+def best_lrs(out: Path) -> dict[tuple[str, int], float]:
+    """(model, depth) -> the swept learning rate with the lowest validation bpb."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for (model, layers, _), r in done(out, "sweep").items():
+        if (model, layers) not in best or r["val_bpb"] < best[(model, layers)]["val_bpb"]:
+            best[(model, layers)] = r
+    return {k: r["lr"] for k, r in best.items()}
+
+
+def run_phase(runner: Runner, out: Path, phase: str, jobs: list[tuple[Spec, float]], steps: int,
+              val_blocks: int, sizes: Sizes, workers: int) -> None:
+    """Train the jobs not yet recorded, longest (deepest) first, `workers` at a time."""
+    finished = done(out, phase)
+    todo = [(s, lr) for s, lr in jobs if (s.model, s.num_layers, lr) not in finished]
+    todo.sort(key=lambda job: -job[0].num_layers)
+
+    def train(job: tuple[Spec, float]) -> None:
+        s, lr = job
+        payload = {"mode": "train", "spec": dataclasses.asdict(s), "steps": steps, "lr": lr,
+                   "eval_every": sizes.eval_every, "val_blocks": val_blocks, "data": "project",
+                   "curve_blocks": sizes.curve_blocks}
+        runner.launch(payload, phase, False, sizes=dataclasses.asdict(sizes))
+        report(out)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(train, todo))
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def pct(a: float, b: float) -> str:
+    return f"{100 * (a / b - 1):+.1f}%"
+
+
+def render(out: Path) -> str:
+    sweep, main = done(out, "sweep"), done(out, "main")
+    lrs = best_lrs(out)
+    depths = sorted({layers for _, layers, _ in [*sweep, *main]})
+    any_record = next(iter([*main.values(), *sweep.values()]), None)
+    lines = ["# Quality against depth: revformer vs Llama at equal parameters and tokens", ""]
+    if any_record is None:
+        return "\n".join([*lines, "No runs recorded yet."])
+    s, env = any_record["sizes"], any_record
+    lines += [
+        f"Byte-level stdlib corpus ({any_record['data']}), d={s['hidden_size']}, {s['num_heads']} heads, blocks of "
+        f"{s['seq_len']} tokens x {s['batch_size']}; AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, 5% warm-up, "
+        f"cosine to 10%. Learning rate per architecture and depth: best of {s['lrs']} after {s['sweep_steps']} steps "
+        f"(validation bpb on {s['sweep_val_blocks']} evenly spaced blocks); then {s['steps']} steps "
+        f"({s['steps'] * s['batch_size'] * s['seq_len'] / 1e6:.2f}M tokens) at that rate. Final bpb: the whole "
+        f"validation split. Equal parameter counts: same width, depth, heads, SwiGLU width and tied embeddings.",
+        "",
+        f"Machine: {env.get('cpu') or env.get('device_name', '?')}, torch {env.get('torch')}, transformers "
+        f"{env.get('transformers')}, one thread per run. Reproduce: `python scripts/benchmark_depth_quality.py`.",
+        "",
+        "| layers | params | Llama bpb (lr) | revformer bpb (lr) | revformer vs Llama | reconstruction error | "
+        "run time Llama / revformer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in depths:
+        llama = main.get(("llama", d, lrs.get(("llama", d))))
+        rev = main.get(("revformer", d, lrs.get(("revformer", d))))
+        if not llama and not rev:
+            continue
+
+        def cell(r: dict[str, Any] | None) -> str:
+            return f"{r['val_bpb']:.4f} ({r['lr']:g})" if r else "running"
+
+        gap = pct(rev["val_bpb"], llama["val_bpb"]) if llama and rev else ""
+        recon = f"{rev['reconstruction_error']:.2e}" if rev and rev.get("reconstruction_error") is not None else ""
+        params = f"{(llama or rev)['params'] / 1e6:.2f}M"
+        times = " / ".join(f"{r['train_s'] / 60:.0f} min" if r else "-" for r in (llama, rev))
+        lines.append(f"| {d} | {params} | {cell(llama)} | {cell(rev)} | {gap} | {recon} | {times} |")
+    plain = [r for (m, _, _), r in main.items() if m == "revformer_plain"]
+    for r in plain:
+        d = r["spec"]["num_layers"]
+        rev = main.get(("revformer", d, r["lr"]))
+        vs = f" ({r['val_bpb'] - rev['val_bpb']:+.4f} vs the reversible run's {rev['val_bpb']:.4f})" if rev else ""
+        lines += ["", f"Check, revformer with `reversible=False` at {d} layers, lr {r['lr']:g}: "
+                      f"{r['val_bpb']:.4f} bpb{vs}."]
+    lines += ["", "Learning-rate sweep (validation bpb after the short run):", "",
+              "| layers | model | " + " | ".join(f"lr {lr:g}" for lr in s["lrs"]) + " |",
+              "|---|---|" + "---|" * len(s["lrs"])]
+    for d in depths:
+        for m in ARCHS:
+            cells = [f"{sweep[(m, d, lr)]['val_bpb']:.4f}" if (m, d, lr) in sweep else "" for lr in s["lrs"]]
+            if any(cells):
+                lines.append(f"| {d} | {m} | " + " | ".join(cells) + " |")
+    walls = [r["worker_wall_s"] for r in [*sweep.values(), *main.values()]]
+    lines += ["", f"Runs recorded: {len(sweep)} sweep + {len(main)} main, {sum(walls) / 3600:.2f} h of process time "
+                  f"in all (the script runs `--jobs` of them at once).", "", "![curves](depth_quality.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(out: Path) -> None:
+    main = done(out, "main")
+    depths = sorted({layers for _, layers, _ in main})
+    if not depths:
+        return
+    fig, axes = pyplot().subplots(1, len(depths), figsize=(4.2 * len(depths), 3.6), squeeze=False)
+    for ax, d in zip(axes[0], depths, strict=True):
+        for (m, layers, lr), r in sorted(main.items()):
+            if layers != d:
+                continue
+            tokens = r["spec"]["batch_size"] * r["spec"]["seq_len"]
+            xs = [step * tokens / 1e6 for step, _ in r["val_bpb_curve"]]
+            ys = [bpb for _, bpb in r["val_bpb_curve"]]
+            ax.plot(xs, ys, **{**model_style(m), "markersize": 4, "label": f"{LABELS[m]}, lr {lr:g}"})
+        ax.set_title(f"{d} layers")
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel("validation bpb (curve sample)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, out / "depth_quality.png")
+
+
+def report(out: Path) -> str:
+    text = render(out)
+    (out / "README.md").write_text(text)
+    plot(out)
+    return text
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", nargs="?", default="run", choices=("run", "report"))
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (the test's smoke run)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--worker-timeout", type=float, default=4 * 3600.0)
+    args = p.parse_args(argv)
+    sizes = TINY if args.tiny else Sizes()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.command == "report":
+        print(report(args.out))
+        return
+    runner = Runner(args.out, args.worker_timeout)
+    start = time.perf_counter()
+    sweep_jobs = [(spec(sizes, m, d), lr) for d in sizes.depths for m in ARCHS for lr in sizes.lrs]
+    run_phase(runner, args.out, "sweep", sweep_jobs, sizes.sweep_steps, sizes.sweep_val_blocks, sizes, args.jobs)
+    lrs = best_lrs(args.out)
+    missing = [k for k in ((m, d) for d in sizes.depths for m in ARCHS) if k not in lrs]
+    if missing:
+        raise SystemExit(f"the sweep left no result for {missing}; see {args.out / 'sweep.jsonl'}")
+    main_jobs = [(spec(sizes, m, d), lrs[(m, d)]) for d in sizes.depths for m in ARCHS]
+    main_jobs.append((spec(sizes, "revformer_plain", sizes.plain_depth), lrs[("revformer", sizes.plain_depth)]))
+    run_phase(runner, args.out, "main", main_jobs, sizes.steps, sizes.val_blocks, sizes, args.jobs)
+    print(report(args.out))
+    print(f"== done in {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr)
+    failed = [r for phase in ("sweep", "main") for r in read_records(args.out / f"{phase}.jsonl") if not r.get("ok")]
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed; their errors are in {args.out}/*.jsonl")
