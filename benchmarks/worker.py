@@ -16,8 +16,10 @@ MODES = {
     "memory": "benchmarks.probes:memory_main",  # peak memory of one step (benchmark.py suites)
     "time": "benchmarks.probes:time_main",  # interleaved step times (benchmark.py suites)
     "train": "benchmarks.corpus:train_main",  # train and score bpb (quality, depth_quality)
+    "lsh_memory": "benchmarks.suites.lsh:memory_worker",
     "conversion_memory": "benchmarks.suites.conversion:memory_worker",
     "length_probe": "benchmarks.suites.gpu_check:probe_worker",
+    "fsdp": "benchmarks.suites.fsdp:worker",  # one rank, under torchrun
 }
 
 

@@ -1,7 +1,8 @@
 """One module per benchmark. The suites of ``scripts/benchmark.py`` (depth, core, length, longseq, quality, memory,
 cost) each give their default sizes (``CPU``, ``CUDA``), ``run(runner, args, sizes)`` and the parts of the results
 README they own (``markdown``, ``targets``, ``plot``); ``benchmarks.cli`` strings them together. The others
-(conversion, depth_quality, gpu_check) each have a ``main(argv)`` behind their script in ``scripts/``.
+(fixed_point, lsh, torch_compile, fsdp, documents, data, conversion, depth_quality, gpu_check) each have a
+``main(argv)`` behind their script in ``scripts/``.
 """
 
 from __future__ import annotations
