@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -116,3 +117,20 @@ def make_workdir(tmp: Path) -> Path:
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     """The final saved weights of a run."""
     return load_file(folder / "model" / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------- launching the benchmarks
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the benchmark entry point `scripts/<script>` from the checkout on one thread; it must succeed."""
+    bench_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                            env=bench_env, cwd=ROOT, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a benchmark's JSON-lines file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

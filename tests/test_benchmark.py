@@ -1,4 +1,5 @@
-"""Smoke test of scripts/benchmark.py: its real code path (fresh worker processes, report) on a tiny config."""
+"""scripts/benchmark.py (benchmarks.cli): every suite through its real code path (fresh worker processes, report)
+at tiny sizes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import read_jsonl, run_benchmark
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
 
@@ -70,3 +73,50 @@ def test_memory_and_cost_suites_tiny(tmp_path: Path) -> None:
     readme = (tmp_path / "README.md").read_text()
     assert "## What a user compares" in readme and "## Cost of the memory options" in readme
     assert (tmp_path / "memory_forward_backward.png").stat().st_size > 0
+
+
+def test_legacy_worker_entry_point() -> None:
+    """`scripts/benchmark.py _worker '<json>'` runs a worker as `python -m benchmarks.worker` does."""
+    spec = {"model": "revformer", "hidden_size": 32, "num_heads": 2, "seq_len": 64, "threads": 1}
+    done = run_benchmark("benchmark.py", "_worker", json.dumps({"mode": "memory", "spec": spec}), timeout=150)
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
+    record = json.loads(line.removeprefix("BENCH_RESULT "))
+    assert record["ok"] and record["spec"]["seq_len"] == 64 and record["peak_bytes"] > record["static_bytes"] > 0
+
+
+@pytest.mark.slow  # 8 fresh worker processes
+def test_core_length_longseq_quality_suites_tiny(tmp_path: Path) -> None:
+    tiny = {"hidden_size": 32, "num_heads": 2, "num_layers": 2}
+    sizes = {
+        "core": {**tiny, "seq_len": 128, "depths": [], "time_depth": 2, "steps": 2},
+        "length": {**tiny, "start": 256, "max_len": 256, "budget_gib": 0.5},
+        "longseq": {**tiny, "lengths": [256], "attentions": ["lsh"], "chunk": 64, "attn_chunk": 32},
+        "quality": {**tiny, "seq_len": 64, "batch_size": 2, "steps": 2, "eval_every": 1, "val_blocks": 4,
+                    "attention_variants": ["local/lsh"]},
+    }
+    sets = [f"--set={suite}.{k}={json.dumps(v)}" for suite, kv in sizes.items() for k, v in kv.items()]
+    run_benchmark("benchmark.py", "--suite", ",".join(sizes), "--models", "revformer,revformer_plain",
+                  "--out", str(tmp_path), *sets)
+
+    core = read_jsonl(tmp_path / "core.jsonl")
+    timed = {r["spec"]["model"]: r for r in core if r["mode"] == "time"}
+    assert set(timed) == {"revformer", "revformer_plain"} and core[-1]["mode"] == "suite"
+    assert all(r["ok"] and r["step_s"] > 0 and len(r["step_times_s"]) == 2 for r in timed.values())
+    longest = {r["model"]: r for r in read_jsonl(tmp_path / "length.jsonl") if r["mode"] == "longest"}
+    assert {m: (r["longest"], r["capped"]) for m, r in longest.items()} == {
+        "revformer": (256, True), "revformer_plain": (256, True)}  # the cap fits 0.5 GiB
+    longseq = [r for r in read_jsonl(tmp_path / "longseq.jsonl") if r["mode"] == "memory"]
+    assert {r["spec"]["chunk"] for r in longseq} == {0, 64} and all(r["spec"]["attention"] == "lsh" for r in longseq)
+    assert all(r["ok"] and r["activation_bytes"] > 0 for r in longseq)
+    quality = {r["attention_variant"]: r for r in read_jsonl(tmp_path / "quality.jsonl") if r["mode"] == "train"}
+    assert set(quality) == {"local/lsh", "full"} and all(r["ok"] for r in quality.values())
+    assert quality["local/lsh"]["spec"]["attention"] == ["local", "lsh"]  # one kind per layer
+    for r in quality.values():
+        assert r["data"].startswith("revformer.data") and r["val_bpb"] > 0 and len(r["val_bpb_curve"]) == 2
+    readme = (tmp_path / "README.md").read_text()
+    for heading in ("## Targets", "## Core: reversible vs plain", "## Longest trainable sequence",
+                    "## Long sequences", "## Quality at equal parameters and tokens"):
+        assert heading in readme, heading
+    assert "Reversible step time <= 1.4x plain (2 layers)" in readme and "## Failed runs" not in readme
+    for plot in ("memory_vs_length.png", "longseq_memory_vs_length.png", "loss_curves.png"):
+        assert (tmp_path / plot).stat().st_size > 0

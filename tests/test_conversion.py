@@ -3,6 +3,7 @@ source's own modules, and everything a revformer model does (gradients, cache, s
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 from revformer import ConversionError, RevformerForCausalLM, convert_model, convert_to_revformer
 from revformer.conversion import weight_map
 
-from conftest import ROOT, relative_error
+from conftest import ROOT, relative_error, run_benchmark
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
               max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -280,3 +281,23 @@ def test_distillation_loss_equals_a_naive_full_logits_kl(loss_chunk_size, ce_wei
         assert torch.allclose(model(input_ids=ids, labels=labels, **kwargs).loss, reference, rtol=1e-5)
     with pytest.raises(ValueError, match="share the vocabulary"):
         model(input_ids=ids, labels=labels, teacher_hidden_states=teacher_hidden, teacher_lm_head=teacher_head[:100])
+
+
+@pytest.mark.slow  # about ten CLI processes (pretrain, convert, evaluate, heal, from scratch) and six memory workers
+def test_benchmark_conversion_tiny(tmp_path):
+    """scripts/benchmark_conversion.py --tiny through teacher, heal (one coupling), memory and report (the
+    fine-tuning stage runs the same train/evaluate commands on the held-out folders, and is left out for time)."""
+    run_benchmark("benchmark_conversion.py", "--tiny", "--work", str(tmp_path), "--couplings", "midpoint",
+                  "--stages", "teacher,heal,memory,report")
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert set(results) == {"teacher", "convert/midpoint", "heal/midpoint", "scratch", "memory"}
+    assert results["teacher"]["final_loss"] > 0 and results["convert/midpoint"]["loss"] > 0
+    assert results["heal/midpoint"]["tokens"] == 3 * 4 * 64 and results["heal/midpoint"]["curve"]  # steps x batch x block
+    memory = {(r["model"], r["layers"]): r for r in results["memory"]}
+    assert set(memory) == {(m, n) for m in ("revformer (converted)", "teacher + checkpointing", "teacher")
+                           for n in (2, 4)}
+    assert all(r["peak_growth_bytes"] > 0 and r["torch"] for r in memory.values())
+    readme = (tmp_path / "results" / "README.md").read_text()
+    assert "| midpoint | " in readme and "| model | 2 layers | 4 layers |" in readme
+    assert "at 256 tokens" in readme and (tmp_path / "results" / "healing.png").stat().st_size > 0
+

@@ -1,0 +1,129 @@
+"""Every benchmark beside scripts/benchmark.py, end to end at tiny sizes into a temporary folder: the records and
+Markdown it writes hold real figures. In-process (`main(argv)`) where a benchmark measures in its own process,
+through its script where it launches workers (fresh processes, torchrun)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, read_jsonl, run_benchmark
+
+
+def test_benchmarks_package_is_not_shipped():
+    """benchmarks/ sits beside revformer/ but the wheel holds revformer only."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["tool"]["setuptools"]["packages"]["find"]["include"] == ["revformer*"]
+    assert (ROOT / "benchmarks" / "__init__.py").exists()
+
+
+def test_fixed_point_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.suites import fixed_point
+
+    fixed_point.main(["--tiny", "--out", str(tmp_path)])
+    meta, *rows = read_jsonl(tmp_path / "fixed_point_cpu_tiny.jsonl")
+    assert meta["kind"] == "meta" and meta["seconds"] > 0 and meta["torch"]
+    acc = {(r["depth"], r["streams"], r["fraction_bits"]): r for r in rows if r["kind"] == "accuracy"}
+    assert set(acc) == {(d, s, k) for d in (2, 4) for s, k in (("bfloat16", None), ("float32", None),
+                                                                 ("fixed_point", 32))} | {(4, "fixed_point", 16)}
+    for depth in (2, 4):
+        assert acc[(depth, "fixed_point", 32)]["reconstruction_error"] == 0  # bit-exact by construction
+        assert acc[(depth, "bfloat16", None)]["reconstruction_error"] > 0
+        assert 0 < acc[(depth, "float32", None)]["grad_error_plain"] < 1  # bf16 compute's floor, vs fp64
+    (timing,) = [r for r in rows if r["kind"] == "step_time"]
+    assert timing["threads"] == 1 and timing["float32_step_s"] > 0 and timing["fixed_point_step_s"] > 0
+    table = (tmp_path / "fixed_point_cpu_tiny.md").read_text()
+    assert table.startswith("# Fixed-point residual streams") and "| 4 | " in table and "0 (exact)" in table
+    assert (tmp_path / "fixed_point_cpu_tiny.png").stat().st_size > 0
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_lsh_leak_and_memory_tiny(tmp_path: Path) -> None:
+    from benchmarks.suites import lsh
+
+    lsh.main(["leak", "--out", str(tmp_path)])
+    leak = {r["kind"]: r for r in read_jsonl(tmp_path / "leak.jsonl")}
+    assert set(leak) == {"full", "local", "lsh"}
+    for r in leak.values():  # causal: a later token changes no earlier logit (float noise at most)
+        assert r["leak_train"] < 1e-5 and r["leak_eval"] < 1e-5 and r["cached_vs_full"] < 1e-4
+        assert r["device"] == "cpu" and r["torch"] and r["threads"] >= 1
+
+    run_benchmark("benchmark_lsh.py", "memory", "--tiny", "--kinds", "revformer_lsh,reformer_lsh",
+                  "--out", str(tmp_path))
+    memory = {r["kind"]: r for r in read_jsonl(tmp_path / "memory.jsonl")}
+    assert set(memory) == {"revformer_lsh", "reformer_lsh"}, memory
+    for r in memory.values():
+        assert r["seq_len"] == 256 and r["chunk"] == 32 and r["step_s"] > 0 and r["loss"] > 0
+        assert r["rss_peak_bytes"] > r["static_bytes"] > 0
+    assert memory["revformer_lsh"]["memtracker_peak_bytes"] > 0 and "memtracker_peak_bytes" not in memory[
+        "reformer_lsh"]  # MemTracker cannot follow Reformer's autograd Function
+    table = (tmp_path / "README.md").read_text()
+    assert "| revformer_lsh | MemTracker |" in table and "| reformer_lsh | RSS |" in table and "failed" not in table
+
+
+def test_compile_tiny(tmp_path: Path) -> None:
+    """The compile benchmark's steps on a tiny model; aot_eager traces and compiles the graphs (dynamo, AOT
+    autograd) without inductor's code generation, which would take most of a minute here."""
+    run_benchmark("benchmark_compile.py", "--tiny", "--backend", "aot_eager", "--out", str(tmp_path / "compile_cpu"))
+    run, demo = read_jsonl(tmp_path / "compile_cpu.jsonl")
+    assert run["ok"] and run["config"] == "tiny" and run["reversible"]
+    assert run["grad_rel_error_compiled_vs_eager"] < 1e-4 and run["frames_compiled"] > 0
+    assert run["eager_step_s"] > 0 and run["compiled_step_s"] > 0 and len(run["eager_times_s"]) == 2
+    assert run["dropout_grad_rel_error_compiled_rev_vs_plain"] < 1e-4  # the re-run replays the dropout masks
+    assert demo["config"] == "recompile_limit_demo" and demo["grad_rel_error_rev_vs_plain_limit_8"] < 1e-4
+    table = (tmp_path / "compile_cpu.md").read_text()
+    assert "| tiny | reversible | 1 x 32 |" in table and "recompile_limit=1" in table
+
+
+@pytest.mark.slow  # three torchrun processes
+def test_fsdp_tiny(tmp_path: Path) -> None:
+    run_benchmark("benchmark_fsdp.py", "--tiny", "--results", str(tmp_path))
+    rows = read_jsonl(tmp_path / "fsdp_cpu.jsonl")
+    assert [(r["world_size"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    alone, *sharded = rows
+    for r in sharded:  # each of 2 ranks holds about half of the parameters, gradients and Adam state
+        assert r["param_grad_optimizer_bytes_per_rank"] < 0.6 * alone["param_grad_optimizer_bytes_per_rank"]
+        assert r["collectives_per_step"]["all_gather"] > 0 and r["collectives_per_step"]["reduce_scatter"] > 0
+    assert alone["collectives_per_step"] == {"all_gather": 0, "reduce_scatter": 0}
+    assert all(r["peak_bytes"] > 0 and r["loss"] > 0 and r["params"] == alone["params"] > 0 for r in rows)
+    assert "| 2 | 1 |" in (tmp_path / "fsdp_cpu.md").read_text()
+
+
+def test_documents_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.suites import documents
+
+    documents.main(["--tiny", "--out", str(tmp_path / "documents")])
+    records = read_jsonl(tmp_path / "documents.jsonl")
+    assert [r["attention"] for r in records] == ["full", "mixed full/local/full/lsh"]
+    for r in records:
+        assert r["ok"] and r["plain_s"] > 0 and r["documents_s"] > 0 and r["ratio"] > 0 and r["block"] == 64
+    assert "| mixed full/local/full/lsh | 2 x 64 |" in (tmp_path / "documents.md").read_text()
+    assert "documents" in capsys.readouterr().out
+
+
+def test_data_tiny(tmp_path: Path) -> None:
+    from benchmarks.suites import data
+
+    data.main(["--tiny", "--out", str(tmp_path / "data")])
+    (r,) = read_jsonl(tmp_path / "data.jsonl")
+    assert r["ok"] and r["vocab"] == 300 and r["block_size"] == 128
+    assert r["documents_train"] > r["documents_validation"] > 0 and r["tokens_train"] > r["tokens_validation"] > 0
+    assert 1 < r["bytes_per_token"] < 4 and r["tokens_per_s"] > 0  # a 300-token BPE merges a few bytes per token
+    assert "| documents (train / validation) |" in (tmp_path / "data.md").read_text()
+
+
+@pytest.mark.slow  # seven training workers
+def test_depth_quality_tiny(tmp_path: Path) -> None:
+    run_benchmark("benchmark_depth_quality.py", "--tiny", "--jobs", "2", "--out", str(tmp_path))
+    sweep = read_jsonl(tmp_path / "sweep.jsonl")
+    main = {r["spec"]["model"]: r for r in read_jsonl(tmp_path / "main.jsonl")}
+    assert len(sweep) == 4 and all(r["ok"] and r["val_bpb"] > 0 for r in sweep)
+    assert set(main) == {"revformer", "llama", "revformer_plain"}
+    assert all(r["ok"] and r["val_bpb"] > 0 and r["spec"]["num_layers"] == 1 for r in main.values())
+    assert main["revformer"]["params"] == main["llama"]["params"]  # equal parameter counts by construction
+    assert main["revformer"]["reconstruction_error"] is not None and main["llama"]["reconstruction_error"] is None
+    readme = (tmp_path / "README.md").read_text()
+    assert "| 1 | " in readme and "Learning-rate sweep" in readme and "Check, revformer with `reversible=False`" in readme
+    assert (tmp_path / "depth_quality.png").stat().st_size > 0
