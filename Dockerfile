@@ -14,6 +14,7 @@ COPY revformer ./revformer
 RUN pip install --no-cache-dir -e .
 COPY configs ./configs
 COPY scripts ./scripts
+COPY benchmarks ./benchmarks
 
 CMD ["accelerate", "launch", "--config_file", "configs/accelerate/single_gpu.yaml", \
      "scripts/pretrain.py", "--config", "configs/tiny.yaml"]
