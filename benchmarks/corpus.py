@@ -99,10 +99,11 @@ def reconstruction_error(model: Any, corpus: Corpus, spec: Spec) -> float | None
 
 
 def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks: int, data: str,
-                 curve_blocks: int = 32) -> None:
+                 curve_blocks: int = 32, stop_after: int | None = None) -> None:
     """Train `spec.model` for `steps` steps on the stdlib bytes and report loss curves and validation bpb (the
     curve on `curve_blocks` validation blocks, the end on all `val_blocks`), and for the reversible model the
-    reconstruction error of its trained weights."""
+    reconstruction error of its trained weights. `stop_after` ends the run early on the same `steps`-long
+    schedule, so its curve is comparable point by point with a full run's."""
     import torch
 
     setup_worker(spec)
@@ -121,16 +122,16 @@ def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks:
     curve_blocks = min(curve_blocks, len(corpus.val))
     losses, val_curve = [], []
     start = time.perf_counter()
-    for step in range(steps):
+    for step in range(stop_after or steps):
         ids = corpus.train(step, spec.batch_size).to(spec.device)
         losses.append(train_step(model, optimizer, ids, spec.device, spec.dtype, clip=1.0))
         scheduler.step()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+        if (step + 1) % eval_every == 0 or step + 1 == (stop_after or steps):
             val_curve.append([step + 1, evaluate_bpb(model, corpus, spec, curve_blocks)])
     train_s = time.perf_counter() - start
     emit({"mode": "train", "spec": dataclasses.asdict(spec), **environment(spec.device, spec.threads),
           **param_stats(model), "ok": True, "data": corpus.source, "steps": steps, "lr": lr,
-          "tokens": steps * spec.batch_size * spec.seq_len, "train_s": train_s, "train_losses": losses,
+          "stopped_at": stop_after or steps, "tokens": (stop_after or steps) * spec.batch_size * spec.seq_len, "train_s": train_s, "train_losses": losses,
           "val_bpb_curve": val_curve, "val_curve_blocks": curve_blocks, "val_blocks": len(corpus.val),
           "val_bytes": sum(corpus.val_bytes), "val_bpb": evaluate_bpb(model, corpus, spec),
           "reconstruction_error": reconstruction_error(model, corpus, spec)})
@@ -139,4 +140,4 @@ def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks:
 def train_main(payload: dict[str, Any]) -> None:
     """Worker mode `train`."""
     train_worker(Spec(**payload["spec"]), payload["steps"], payload["lr"], payload["eval_every"],
-                 payload["val_blocks"], payload["data"], payload.get("curve_blocks", 32))
+                 payload["val_blocks"], payload["data"], payload.get("curve_blocks", 32), payload.get("stop_after"))

@@ -106,6 +106,41 @@ class RevformerConfig(PreTrainedConfig):
     mlp_bias: bool = False
     qk_norm: bool = False
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """`from_pretrained(folder, num_hidden_layers=..., ...)`: overrides of architecture fields join the saved
+        values *before* the config is built, so that what is derived from them (the per-layer attention list,
+        `head_dim`, `num_key_value_heads`) follows and the whole config is validated, instead of being set on a
+        built config and left inconsistent. A `rope_parameters` dict without `rope_theta` keeps the saved base."""
+        config_dict = dict(config_dict)
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.__dataclass_fields__}
+        saved_layers = config_dict.get("attention_layers")
+        if "num_hidden_layers" in given and "attention_layers" not in given and isinstance(saved_layers, list):
+            if len(saved_layers) != given["num_hidden_layers"]:
+                if len(set(saved_layers)) > 1:
+                    raise ValueError(
+                        f"num_hidden_layers={given['num_hidden_layers']} differs from the saved model's "
+                        f"{len(saved_layers)} layers, whose attention kinds differ ({saved_layers}); pass "
+                        "attention_layers too (a list of one kind per layer, or one kind for all)."
+                    )
+                given["attention_layers"] = saved_layers[0]
+        heads = given.get("num_attention_heads", config_dict.get("num_attention_heads"))
+        width = given.get("hidden_size", config_dict.get("hidden_size"))
+        saved_heads, saved_width = config_dict.get("num_attention_heads"), config_dict.get("hidden_size")
+        derived = saved_heads and saved_width and config_dict.get("head_dim") == saved_width // saved_heads
+        if "head_dim" not in given and derived and (heads, width) != (saved_heads, saved_width):
+            config_dict.pop("head_dim")  # it was hidden_size / heads: derive it again from the new values
+        if "num_key_value_heads" not in given and config_dict.get("num_key_value_heads") == saved_heads != heads:
+            config_dict.pop("num_key_value_heads")  # it was "no grouping": keep it that way
+        rope = given.get("rope_parameters")
+        if isinstance(rope, dict) and rope.get("rope_theta") is None:
+            saved = config_dict.get("rope_parameters") or {}
+            theta = saved.get("rope_theta", config_dict.get("rope_theta"))
+            if theta is not None:  # a new scaling replaces the dict; the base belongs to the trained model
+                given["rope_parameters"] = {**rope, "rope_theta": theta}
+        config_dict.update(given)
+        return super().from_dict(config_dict, **kwargs)
+
     def __post_init__(self, **kwargs):
         if self.attention_layers is None:
             self.attention_layers = "full"

@@ -48,6 +48,20 @@ IGNORE_INDEX = -100
 logger = logging.get_logger(__name__)
 
 
+def _cache_argument(forward):
+    """The KV cache argument is `cache`. transformers releases whose generate passes `cache` deprecate the old name
+    `past_key_values` (a FutureWarning, as their own models give); earlier v5 releases pass `past_key_values`,
+    which the forwards still accept there without a warning (this file runs on any transformers 5 from the Hub)."""
+    try:
+        from transformers.generation.utils import ALL_CACHE_NAMES
+        from transformers.utils.deprecation import deprecate_kwarg
+    except ImportError:
+        return forward
+    if "cache" not in ALL_CACHE_NAMES:
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+
 class RevformerRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -660,6 +674,7 @@ class RevformerModel(RevformerPreTrainedModel):
         seen = int(cache.get_seq_length()) if cache is not None else 0
         return real[:, : seen + mask.shape[-2]].long()
 
+    @_cache_argument
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -860,13 +875,15 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
 def causal_lm_loss(
     hidden: Tensor,
     lm_head: nn.Linear,
-    labels: Tensor,
+    labels: Tensor | None,
     chunk_size: int = 0,
     num_items_in_batch: int | Tensor | None = None,
     logits: Tensor | None = None,
     teacher: Teacher | None = None,
+    shift_labels: Tensor | None = None,
 ) -> Tensor:
-    """Mean next-token loss: position t predicts `labels[t + 1]`; `-100` labels are ignored.
+    """Mean next-token loss: position t predicts `labels[t + 1]`, or `shift_labels[t]` when given (already shifted,
+    as context-parallel training passes them per shard); `-100` labels are ignored.
 
     Cross-entropy, or with a `teacher` (hidden states (B, T, d_t) and head weight) the distillation loss
     KL(teacher || model) + `teacher.ce_weight` * cross-entropy at the same positions. With `chunk_size` > 0 the LM
@@ -875,7 +892,9 @@ def causal_lm_loss(
     replaces the local count of predicted tokens as the denominator, so accumulated micro-batches average over the
     whole batch.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # shift left, (B*T,)
+    if shift_labels is None:
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # shift left
+    targets = shift_labels.reshape(-1)  # (B*T,)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if teacher is not None:
         teacher = teacher._replace(hidden=teacher.hidden.reshape(-1, teacher.hidden.shape[-1]))
@@ -941,6 +960,7 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @_cache_argument
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -959,9 +979,11 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
         teacher_hidden_states: Tensor | None = None,
         teacher_lm_head: Tensor | None = None,
         distill_ce_weight: float = 0.0,
+        shift_labels: Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """Next-token logits and, given `labels` (the input ids, shifted inside), the mean cross-entropy.
+        """Next-token logits and, given `labels` (the input ids, shifted inside) or `shift_labels` (already shifted:
+        position t predicts shift_labels[t]), the mean cross-entropy.
 
         Distillation: given also a teacher's final hidden states (B, T, d_teacher) for the same inputs and its LM-head
         weight (vocab_size, d_teacher), the loss is KL(teacher || model) per predicted token, plus
@@ -986,6 +1008,8 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state  # (B, T, d)
         chunk = self.config.loss_chunk_size
         loss = logits = None
+        if labels is None and shift_labels is not None:
+            labels = shift_labels  # only its shape and presence matter from here
         chunked_loss = labels is not None and 0 < chunk < hidden.shape[1] * hidden.shape[0]
         if not chunked_loss:
             # logits_to_keep=k keeps the last k positions (generation needs only the last one); 0 keeps all.
@@ -995,7 +1019,8 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
             full = logits if logits is not None and logits.shape[1] == hidden.shape[1] else None
             teacher = teacher_for(hidden, teacher_hidden_states, teacher_lm_head, distill_ce_weight,
                                   self.config.vocab_size)
-            loss = causal_lm_loss(hidden, self.lm_head, labels, chunk, num_items_in_batch, logits=full, teacher=teacher)
+            loss = causal_lm_loss(hidden, self.lm_head, labels, chunk, num_items_in_batch, logits=full, teacher=teacher,
+                                  shift_labels=shift_labels)
         output = CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,

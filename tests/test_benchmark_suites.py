@@ -127,3 +127,8 @@ def test_depth_quality_tiny(tmp_path: Path) -> None:
     readme = (tmp_path / "README.md").read_text()
     assert "| 1 | " in readme and "Learning-rate sweep" in readme and "Check, revformer with `reversible=False`" in readme
     assert (tmp_path / "depth_quality.png").stat().st_size > 0
+    run_benchmark("benchmark_depth_quality.py", "ablate", "--tiny", "--out", str(tmp_path))
+    (ablation,) = read_jsonl(tmp_path / "ablation.jsonl")
+    assert ablation["ok"] and ablation["stopped_at"] == 2 and ablation["steps"] == 4  # the main runs' schedule
+    assert [step for step, _ in ablation["val_bpb_curve"]] == [2]
+    assert "| revformer ablation | lr 0.001 |" in (tmp_path / "README.md").read_text()

@@ -153,11 +153,8 @@ def test_yarn_runs_a_short_trained_model_four_times_longer(tmp_path):
     model = RevformerForCausalLM(tiny_config(max_position_embeddings=64))
     model.save_pretrained(tmp_path)
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
-    with pytest.raises(ValueError, match="has no rope_theta"):  # a replaced dict must carry the base: say so
-        RevformerForCausalLM.from_pretrained(tmp_path, max_position_embeddings=256, rope_parameters=dict(yarn))
-    yarn["rope_theta"] = 10000.0
     long = RevformerForCausalLM.from_pretrained(tmp_path, max_position_embeddings=256, rope_parameters=yarn)
-    assert long.config.rope_parameters["rope_theta"] == 10000.0
+    assert long.config.rope_parameters["rope_theta"] == 10000.0  # a replaced dict keeps the trained base
     expected, _ = ROPE_INIT_FUNCTIONS["yarn"](long.config, None)
     torch.testing.assert_close(long.model.rotary_emb.inv_freq, expected)
     ids = torch.randint(3, 128, (2, 256))
@@ -168,6 +165,12 @@ def test_yarn_runs_a_short_trained_model_four_times_longer(tmp_path):
     again = RevformerForCausalLM.from_pretrained(tmp_path / "long")
     assert again.config.rope_parameters == long.config.rope_parameters
     torch.testing.assert_close(again.model.rotary_emb.inv_freq, expected)
+    # A model trained with another base keeps it when the scaling is replaced (not transformers' default 10000).
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    model.save_pretrained(tmp_path / "theta")
+    scaled = RevformerForCausalLM.from_pretrained(tmp_path / "theta", max_position_embeddings=256,
+                                                  rope_parameters=dict(yarn))
+    assert scaled.config.rope_parameters["rope_theta"] == 500000.0
 
 
 def test_rope_theta_configs_keep_loading(tmp_path):

@@ -286,3 +286,53 @@ def test_generation_from_embeds_from_a_returned_cache_and_with_other_decoders():
     assert beams.shape == (3, 14) and torch.equal(beams[:, :6], ids.expand(3, -1))
     sampled = model.generate(ids, do_sample=True, top_k=20, max_new_tokens=8, pad_token_id=0)
     assert sampled.shape == (1, 14)
+
+
+def test_shift_labels_set_the_targets(model):
+    """Context-parallel training passes labels already shifted (`shift_labels`, one shard's targets): the loss is
+    against them, equal to `labels` shifted inside when they are the same targets."""
+    ids = torch.randint(3, 128, (2, 12))
+    shifted = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    with torch.no_grad():
+        inside = model(ids, labels=ids).loss
+        given = model(ids, labels=ids, shift_labels=shifted).loss
+        alone = model(ids, shift_labels=shifted).loss
+        other = model(ids, labels=ids, shift_labels=torch.roll(shifted, 1, dims=1).masked_fill(shifted < 0, -100)).loss
+    torch.testing.assert_close(given, inside)
+    torch.testing.assert_close(alone, inside)
+    assert not torch.allclose(other, inside)
+
+
+def test_past_key_values_is_the_deprecated_name_of_cache(model):
+    from transformers import DynamicCache
+
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.no_grad():
+        reference = model(ids[:, :4], cache=DynamicCache(config=model.config), use_cache=True)
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+            old = model(ids[:, :4], past_key_values=DynamicCache(config=model.config), use_cache=True)
+        torch.testing.assert_close(old.logits, reference.logits)
+        step = model(ids[:, 4:], cache=old.cache, use_cache=True).logits
+        full = model(ids).logits
+    torch.testing.assert_close(step, full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_from_pretrained_overrides_rederive_and_validate(tmp_path):
+    """`from_pretrained(folder, num_hidden_layers=...)` rebuilds the per-layer attention list and head_dim from the
+    overrides (they used to be set on the built config and left stale), and an ambiguous override is refused."""
+    RevformerForCausalLM(tiny_config()).save_pretrained(tmp_path / "uniform")
+    deeper = RevformerConfig.from_pretrained(tmp_path / "uniform", num_hidden_layers=4)
+    assert deeper.num_hidden_layers == 4 and deeper.attention_layers == ["full"] * 4
+    assert RevformerConfig.from_pretrained(tmp_path / "uniform", attention_layers="local").attention_layers == [
+        "local", "local"]  # fmt: skip
+    wider = RevformerConfig.from_pretrained(tmp_path / "uniform", hidden_size=64)
+    assert wider.head_dim == 16 and wider.num_key_value_heads == 4
+    fewer_heads = RevformerConfig.from_pretrained(tmp_path / "uniform", num_attention_heads=2)
+    assert fewer_heads.head_dim == 16 and fewer_heads.num_key_value_heads == 2
+    model = RevformerForCausalLM.from_pretrained(tmp_path / "uniform", num_hidden_layers=1)
+    assert len(model.model.layers) == 1 and model.config.attention_layers == ["full"]  # the first layer's weights
+    tiny_config(attention_layers=["local", "lsh"]).save_pretrained(tmp_path / "mixed")
+    with pytest.raises(ValueError, match="pass attention_layers too"):
+        RevformerConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=4)
+    assert RevformerConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=4,
+                                           attention_layers=["local", "lsh"] * 2).num_hidden_layers == 4

@@ -51,11 +51,17 @@ class Sizes:
     sweep_val_blocks: int = 512
     val_blocks: int = 10**9  # the whole validation split
     plain_depth: int = 4
+    # Controlled ablations of the deepest revformer: one change each against its main run, on the same schedule,
+    # stopped after `ablation_steps` and compared with the main runs' curves at that step.
+    ablation_depth: int = 24
+    ablation_lrs: list[float] = field(default_factory=lambda: [1e-3, 2e-3])
+    ablation_steps: int = 500
 
 
 # --tiny: every phase at one depth, 7 short runs (the test's run); nothing it measures means anything.
 TINY = Sizes(hidden_size=32, num_heads=2, seq_len=64, batch_size=2, depths=[1], lrs=[3e-3, 1e-2], sweep_steps=3,
-             steps=4, eval_every=2, curve_blocks=4, sweep_val_blocks=8, val_blocks=16, plain_depth=1)
+             steps=4, eval_every=2, curve_blocks=4, sweep_val_blocks=8, val_blocks=16, plain_depth=1,
+             ablation_depth=1, ablation_lrs=[1e-3], ablation_steps=2)
 
 
 def spec(sizes: Sizes, model: str, layers: int) -> Spec:
@@ -81,7 +87,7 @@ def best_lrs(out: Path) -> dict[tuple[str, int], float]:
 
 
 def run_phase(runner: Runner, out: Path, phase: str, jobs: list[tuple[Spec, float]], steps: int,
-              val_blocks: int, sizes: Sizes, workers: int) -> None:
+              val_blocks: int, sizes: Sizes, workers: int, stop_after: int | None = None) -> None:
     """Train the jobs not yet recorded, longest (deepest) first, `workers` at a time."""
     finished = done(out, phase)
     todo = [(s, lr) for s, lr in jobs if (s.model, s.num_layers, lr) not in finished]
@@ -91,7 +97,7 @@ def run_phase(runner: Runner, out: Path, phase: str, jobs: list[tuple[Spec, floa
         s, lr = job
         payload = {"mode": "train", "spec": dataclasses.asdict(s), "steps": steps, "lr": lr,
                    "eval_every": sizes.eval_every, "val_blocks": val_blocks, "data": "project",
-                   "curve_blocks": sizes.curve_blocks}
+                   "curve_blocks": sizes.curve_blocks, "stop_after": stop_after}
         runner.launch(payload, phase, False, sizes=dataclasses.asdict(sizes))
         report(out)
 
@@ -159,7 +165,25 @@ def render(out: Path) -> str:
             cells = [f"{sweep[(m, d, lr)]['val_bpb']:.4f}" if (m, d, lr) in sweep else "" for lr in s["lrs"]]
             if any(cells):
                 lines.append(f"| {d} | {m} | " + " | ".join(cells) + " |")
-    walls = [r["worker_wall_s"] for r in [*sweep.values(), *main.values()]]
+    ablations = done(out, "ablation")
+    if ablations:
+        stop = next(iter(ablations.values()))["stopped_at"]
+
+        def at(r: dict[str, Any]) -> str:
+            return next((f"{bpb:.4f}" for step, bpb in r["val_bpb_curve"] if step == stop), "")
+
+        lines += ["", f"Ablations of the {s['ablation_depth']}-layer revformer, one change each, same schedule, "
+                      f"stopped after {stop} steps (validation bpb on the curve sample at that step; the main runs' "
+                      "curves at the same step beside them):", "",
+                  "| run | change | bpb at step " + str(stop) + " |", "|---|---|---|"]
+        d = s["ablation_depth"]
+        for m in ARCHS:
+            r = main.get((m, d, lrs.get((m, d))))
+            if r:
+                lines.append(f"| {m} main run | lr {r['lr']:g} (swept) | {at(r)} |")
+        for (m, _, lr), r in sorted(ablations.items()):
+            lines.append(f"| {m} ablation | lr {lr:g} | {at(r)} |")
+    walls = [r["worker_wall_s"] for r in [*sweep.values(), *main.values(), *ablations.values()]]
     lines += ["", f"Runs recorded: {len(sweep)} sweep + {len(main)} main, {sum(walls) / 3600:.2f} h of process time "
                   f"in all (the script runs `--jobs` of them at once).", "", "![curves](depth_quality.png)", ""]
     return "\n".join(lines)
@@ -194,9 +218,16 @@ def report(out: Path) -> str:
     return text
 
 
+def ablate(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
+    """The learning-rate hypothesis: the deepest revformer at the other swept rates, on its main run's schedule."""
+    jobs = [(spec(sizes, "revformer", sizes.ablation_depth), lr) for lr in sizes.ablation_lrs]
+    run_phase(runner, out, "ablation", jobs, sizes.steps, sizes.val_blocks, sizes, workers, sizes.ablation_steps)
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", nargs="?", default="run", choices=("run", "report"))
+    p.add_argument("command", nargs="?", default="run", choices=("run", "ablate", "report"),
+                   help="run: the sweep and the main runs; ablate: the ablations of the deepest revformer")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (the test's smoke run)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -209,6 +240,10 @@ def main(argv: list[str]) -> None:
         return
     runner = Runner(args.out, args.worker_timeout)
     start = time.perf_counter()
+    if args.command == "ablate":
+        ablate(runner, args.out, sizes, args.jobs)
+        print(report(args.out))
+        return
     sweep_jobs = [(spec(sizes, m, d), lr) for d in sizes.depths for m in ARCHS for lr in sizes.lrs]
     run_phase(runner, args.out, "sweep", sweep_jobs, sizes.sweep_steps, sizes.sweep_val_blocks, sizes, args.jobs)
     lrs = best_lrs(args.out)
