@@ -167,16 +167,16 @@ def render(out: Path) -> str:
                 lines.append(f"| {d} | {m} | " + " | ".join(cells) + " |")
     ablations = done(out, "ablation")
     if ablations:
-        stop = next(iter(ablations.values()))["stopped_at"]
+        first = next(iter(ablations.values()))
+        stop, d = first["stopped_at"], first["spec"]["num_layers"]  # from the ablation's own record
 
         def at(r: dict[str, Any]) -> str:
             return next((f"{bpb:.4f}" for step, bpb in r["val_bpb_curve"] if step == stop), "")
 
-        lines += ["", f"Ablations of the {s['ablation_depth']}-layer revformer, one change each, same schedule, "
+        lines += ["", f"Ablations of the {d}-layer revformer, one change each, same schedule, "
                       f"stopped after {stop} steps (validation bpb on the curve sample at that step; the main runs' "
                       "curves at the same step beside them):", "",
                   "| run | change | bpb at step " + str(stop) + " |", "|---|---|---|"]
-        d = s["ablation_depth"]
         for m in ARCHS:
             r = main.get((m, d, lrs.get((m, d))))
             if r:
