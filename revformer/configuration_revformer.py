@@ -8,7 +8,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 ATTENTION_KINDS = ("full", "local", "lsh")
 STREAM_DTYPES = ("float32", "fixed_point")
-COUPLINGS = ("sublayer", "midpoint")
+COUPLINGS = ("sublayer", "midpoint", "bdia")
 
 
 @strict(accept_kwargs=True)
@@ -43,6 +43,15 @@ class RevformerConfig(PreTrainedConfig):
             streams, `p[l+1] = p[l-1] + c_l * f_l(p[l])` from `p[-1] = p[0] = embedding`, with `c_0 = 1` (the first
             layer's output equals a standard block's) and `c_l = midpoint_step` after it; the newest stream is the
             output. What `convert.py` produces: it reuses a pretrained block's function whole.
+            `bdia`: the layers are whole blocks as with `midpoint`, joined by
+            `p[l+1] = gamma p[l-1] + (1 - gamma) p[l] + (1 + gamma) f_l(p[l])` (BDIA, arXiv 2407.09093) with
+            gamma = +-`bdia_gamma` drawn per sequence and layer in training and gamma = 0 otherwise, so that
+            evaluation, generation and the KV cache compute a standard pre-norm Transformer exactly (a converted
+            model is its source until trained). The inverse divides by gamma, so reversible training wants
+            `stream_dtype="fixed_point"`, where it is exact at the price of log2(1/bdia_gamma) bits per stream
+            element per layer, kept packed beside the top streams.
+        bdia_gamma (`float`, defaults to 0.5): the magnitude of the `bdia` coupling's gamma, a power of two 2^-m
+            (m in 1..8).
         midpoint_step (`float`, defaults to 2.0): `c_l` of the midpoint coupling for l >= 1 (2 is the midpoint
             rule, which follows a standard residual stack where consecutive blocks' updates are alike).
         num_key_value_heads (`int`, *optional*): key/value heads for grouped-query attention (each serves
@@ -98,6 +107,7 @@ class RevformerConfig(PreTrainedConfig):
     stream_fraction_bits: int = 32
     coupling: str = "sublayer"
     midpoint_step: float = 2.0
+    bdia_gamma: float = 0.5
     # What pretrained Llama-family models need (convert.py); as useful for models trained from scratch.
     num_key_value_heads: int | None = None
     head_dim: int | None = None
@@ -159,6 +169,15 @@ class RevformerConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
 
+    @property
+    def bdia_keep_bits(self) -> int | None:
+        """m of bdia_gamma = 2^-m: the bits per stream element a fixed-point `bdia` join keeps aside (None if bdia_gamma
+        is no such power of two)."""
+        for m in range(1, 9):
+            if self.bdia_gamma == 2.0**-m:
+                return m
+        return None
+
     def validate_architecture(self):
         """Part of `@strict` validation: one clear error per inconsistent value, naming the fix."""
         positive = (
@@ -181,6 +200,11 @@ class RevformerConfig(PreTrainedConfig):
             )
         if self.coupling not in COUPLINGS:
             raise ValueError(f"RevformerConfig.coupling must be one of {COUPLINGS}, got {self.coupling!r}.")
+        if self.bdia_keep_bits is None:
+            raise ValueError(
+                f"RevformerConfig.bdia_gamma must be a power of two 2^-m with m in 1..8 (0.5, 0.25, ...), so that "
+                f"fixed-point streams divide by it exactly; got {self.bdia_gamma}."
+            )
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"RevformerConfig.{name} must be in [0, 1), got {getattr(self, name)}.")

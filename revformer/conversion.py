@@ -132,6 +132,8 @@ def revformer_config_from(
         pad_token_id=sc.pad_token_id,
         coupling=coupling,
         midpoint_step=midpoint_step,
+        # bdia's inverse divides by gamma: exact only on fixed-point streams.
+        stream_dtype="fixed_point" if coupling == "bdia" else "float32",
     )
     return RevformerConfig(**{**fields, **overrides})
 

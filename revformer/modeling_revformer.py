@@ -41,6 +41,7 @@ from .reversible import (
     make_coupling,
     reconstruct_inputs,
     reversible_stack,
+    split_output,
 )
 
 IGNORE_INDEX = -100
@@ -440,14 +441,16 @@ class RevformerFeedForward(nn.Module):
         self.down_proj = nn.Linear(d_ff, d, bias=config.mlp_bias)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward_chunk(self, x: Tensor, scale: float = 1.0) -> Tensor:
+    def forward_chunk(self, x: Tensor, scale: float | Tensor = 1.0) -> Tensor:
         h = self.norm(x)
         out = self.dropout(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
-        return out if scale == 1.0 else out * scale
+        return out if isinstance(scale, float) and scale == 1.0 else out * scale
 
-    def forward(self, x: Tensor, *aux: Tensor | None, scale: float = 1.0) -> Tensor:
-        """`scale * G(x)`; `aux` (what the engine hands every sublayer: rotary tables, masks) is not needed here."""
-        fn = self.forward_chunk if scale == 1.0 else lambda x: self.forward_chunk(x, scale)
+    def forward(self, x: Tensor, *aux: Tensor | None, scale: float | Tensor = 1.0) -> Tensor:
+        """`scale * G(x)` (`scale`: a number, or per-sequence factors of shape (B, 1, 1)); `aux` (what the engine
+        hands every sublayer: rotary tables, masks) is not needed here."""
+        plain = isinstance(scale, float) and scale == 1.0
+        fn = self.forward_chunk if plain else lambda x: self.forward_chunk(x, scale)
         return chunked(fn, x, self.chunk_size, [p for p in self.parameters() if p.requires_grad])
 
 
@@ -525,6 +528,42 @@ class RevformerMidpointLayer(nn.Module):
         return self.feed_forward(x + a, scale=self.step) + (a if self.step == 1.0 else a * self.step)
 
 
+class RevformerBDIALayer(RevformerMidpointLayer):
+    """One whole pre-norm Transformer block of the `bdia` coupling: returns `(out, gamma)` with
+    `out = (1 - gamma) p + (1 + gamma) f(p)`, which the engine joins as `p[l+1] = gamma * p[l-1] + out`.
+
+    gamma is drawn here, +-`bdia_gamma` per sequence, in training, and the engine replays the RNG when it re-runs the
+    layer, so the re-run draws the same gamma; out of training gamma = 0 and `p[l+1] = p + f(p)` is Llama's block.
+    The first layer is a standard block, `p[1] = p[-1] + f(p[0])` with `p[-1] = p[0]`, as with `midpoint`.
+    """
+
+    def __init__(self, config: RevformerConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.step = 1.0
+        self.gamma = float(config.bdia_gamma) if layer_idx > 0 else None
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        key_padding_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        attentions: list[Tensor] | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if self.gamma is None:
+            return super().forward(x, cos, sin, key_padding_mask, document_ids, cache, attentions)
+        a = self.attention(x, cos, sin, key_padding_mask, document_ids, cache, attentions)
+        if self.training:
+            signs = torch.randint(0, 2, (x.shape[0], 1, 1), device=x.device).mul_(2).sub_(1)
+            gamma = signs.to(torch.float32) * self.gamma
+        else:
+            gamma = x.new_zeros(x.shape[0], 1, 1, dtype=torch.float32)
+        step = (1.0 + gamma).to(x.dtype)
+        return (1.0 - gamma).to(x.dtype) * x + step * a + self.feed_forward(x + a, scale=step), gamma
+
+
 class _NoUpdate(nn.Module):
     """The missing partner of the last layer when a `midpoint` stack has an odd number of layers: adds nothing."""
 
@@ -587,12 +626,18 @@ class RevformerModel(RevformerPreTrainedModel):
     def __init__(self, config: RevformerConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        layer = RevformerMidpointLayer if config.coupling == "midpoint" else RevformerBlock
-        self.layers = nn.ModuleList(layer(config, i) for i in range(config.num_hidden_layers))
+        layer = {"sublayer": RevformerBlock, "midpoint": RevformerMidpointLayer, "bdia": RevformerBDIALayer}
+        self.layers = nn.ModuleList(layer[config.coupling](config, i) for i in range(config.num_hidden_layers))
         self.no_update = _NoUpdate()
         self.norm = RevformerRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RevformerRotaryEmbedding(config)
-        self.coupling = make_coupling(config.stream_dtype, config.stream_fraction_bits)
+        self.coupling = make_coupling(config.stream_dtype, config.stream_fraction_bits, config.bdia_keep_bits)
+        if config.coupling == "bdia" and config.reversible and config.stream_dtype != "fixed_point":
+            logger.warning_once(
+                "coupling='bdia' with float32 streams: reversible backward divides each stream by bdia_gamma per "
+                "layer, so the rebuilt inputs' rounding error grows by 1/bdia_gamma per layer. Set "
+                "stream_dtype='fixed_point' to make it exact."
+            )
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -604,14 +649,15 @@ class RevformerModel(RevformerPreTrainedModel):
 
     def reversible_units(self) -> list[RevformerBlock] | list[LayerPair]:
         """What the reversible engine runs, each with sublayers `.f` and `.g`: the blocks (`sublayer` coupling), or
-        pairs of consecutive layers (`midpoint`; an odd last layer is paired with `_NoUpdate`)."""
+        pairs of consecutive layers (`midpoint`, `bdia`; an odd last layer is paired with `_NoUpdate`)."""
         if self.config.coupling == "sublayer":
             return list(self.layers)
         layers = [*self.layers, self.no_update] if len(self.layers) % 2 else list(self.layers)
         return [LayerPair(layers[i], layers[i + 1]) for i in range(0, len(layers), 2)]
 
     def output_stream(self, x1: Tensor, x2: Tensor) -> Tensor:
-        """The stack's hidden state from the top streams: their mean (`sublayer`), or the newest (`midpoint`)."""
+        """The stack's hidden state from the top streams: their mean (`sublayer`), or the newest (`midpoint`,
+        `bdia`)."""
         decode = self.coupling.decode
         if self.config.coupling == "sublayer":
             return (decode(x1) + decode(x2)) / 2
@@ -620,7 +666,8 @@ class RevformerModel(RevformerPreTrainedModel):
     def uses_randomness(self) -> bool:
         """Whether a forward pass draws random numbers (dropout, LSH rotations) that a re-run must replay."""
         dropout = self.training and (self.config.attention_dropout > 0 or self.config.hidden_dropout > 0)
-        return dropout or "lsh" in self.config.attention_layers
+        bdia = self.training and self.config.coupling == "bdia" and self.config.num_hidden_layers > 1  # gamma draws
+        return dropout or bdia or "lsh" in self.config.attention_layers
 
     @torch.no_grad()
     def reconstruction_error(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> float:
@@ -628,8 +675,12 @@ class RevformerModel(RevformerPreTrainedModel):
 
         The inverse that reversible backward relies on, run alone: exactly 0.0 with fixed-point streams; with float
         streams it grows with depth and weight size. Call it under the training autocast to measure what training
-        sees. Dropout draws are replayed as in backward, and the caller's RNG stream is left untouched.
+        sees. Dropout draws are replayed as in backward, and the caller's RNG stream is left untouched. The `bdia`
+        coupling is invertible only as trained (gamma != 0): call it in train mode.
         """
+        if self.config.coupling == "bdia" and not self.training:
+            raise ValueError("A bdia model is invertible only in train mode (gamma = 0 otherwise): call model.train() "
+                             "before reconstruction_error().")
         device = input_ids.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             cos, sin = self.rotary_emb(input_ids, torch.arange(input_ids.shape[1], device=device).unsqueeze(0))
@@ -740,15 +791,17 @@ class RevformerModel(RevformerPreTrainedModel):
         reversible = (
             self.config.reversible and torch.is_grad_enabled() and cache is None
             and not output_hidden_states and not output_attentions
+            and (self.training or self.config.coupling != "bdia")  # gamma = 0 out of training: not invertible
         )  # fmt: skip
         if reversible:
             aux = (cos, sin, key_padding_mask) if document_ids is None else (cos, sin, key_padding_mask, document_ids)
             x1, x2 = reversible_stack(x1, x2, self.reversible_units(), aux, self.coupling, self.uses_randomness())
-        elif self.config.coupling == "midpoint":
-            read, add = self.coupling.read, self.coupling.add
+        elif self.config.coupling in ("midpoint", "bdia"):
+            read, join = self.coupling.read, self.coupling.join
             for layer, unit in enumerate(self.reversible_units()):
-                x1 = add(x1, unit.f(read(x2), cos, sin, key_padding_mask, document_ids, cache, attentions))
-                x2 = add(x2, unit.g(read(x1), cos, sin, key_padding_mask, document_ids, cache, attentions))
+                args = (cos, sin, key_padding_mask, document_ids, cache, attentions)
+                x1 = join(x1, *split_output(unit.f(read(x2), *args)))[0]
+                x2 = join(x2, *split_output(unit.g(read(x1), *args)))[0]
                 if output_hidden_states:  # the newest stream after each layer
                     hidden_states.append(decode(x1))
                     if 2 * layer + 1 < len(self.layers):

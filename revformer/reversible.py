@@ -13,6 +13,10 @@ blocks in reverse and re-runs G, then F, once each with grad enabled: the same r
 and yields its gradients, so the price is one extra forward per sublayer and activation memory does not depend on
 depth.
 
+A sublayer may also scale the stream it updates: returning `(out, keep)` makes the join `y = keep * x + out`
+(the `bdia` coupling, with keep = +-2^-m drawn per sample), whose inverse `x = (y - out) / keep` the engine uses
+instead, with `dL/dx = keep * dL/dy`.
+
 How a sublayer output joins a stream is a `StreamCoupling`. With float streams `(x + out) - out != x` in general and
 the rebuilt inputs drift from the true ones, more so with depth, low-precision compute and large weights. With
 `FixedPointCoupling` the streams live on a grid of 2^-k and every output is rounded to it before the add, so the
@@ -39,7 +43,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +66,7 @@ class ForwardContext:
             self.cuda_rng = torch.cuda.get_rng_state(device) if self.cuda_device is not None else None
         self.autocast_enabled = torch.is_autocast_enabled(self.device_type)
         self.autocast_dtype = torch.get_autocast_dtype(self.device_type)
+        self.residue: Any = None  # what a scaled join's inverse needs beyond the streams (fixed point), if any
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
@@ -99,6 +104,19 @@ class StreamCoupling:
     def subtract(self, stream: Tensor, out: Tensor) -> Tensor:
         return stream - out.to(stream.dtype)
 
+    def join(self, stream: Tensor, out: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Any]:
+        """`y = keep * stream + out` (`keep=None`: `stream + out`), and what `unjoin` needs beyond y, out and keep
+        to rebuild `stream` (nothing here: with float streams the division in `unjoin` is merely rounded)."""
+        if keep is None:
+            return self.add(stream, out), None
+        return self.add(keep * stream, out), None
+
+    def unjoin(self, y: Tensor, out: Tensor, keep: Tensor | None = None, residue: Any = None) -> Tensor:
+        """The `stream` of `y, residue = join(stream, out, keep)`."""
+        if keep is None:
+            return self.subtract(y, out)
+        return self.subtract(y, out) / keep
+
     def read(self, stream: Tensor) -> Tensor:
         """The value a sublayer sees when it reads `stream`: a cast at most, since the engine differentiates with
         respect to this value and treats `read`'s own gradient as the identity."""
@@ -126,7 +144,10 @@ class FixedPointCoupling(StreamCoupling):
     per forward): the plain path does not rely on exactness, and past the limit it merely rounds like float64.
     """
 
-    def __init__(self, fraction_bits: int = 32) -> None:
+    def __init__(self, fraction_bits: int = 32, keep_bits: int = 1) -> None:
+        if not 1 <= keep_bits <= 8:
+            raise ValueError(f"keep_bits must be in [1, 8] (scaled joins keep +-2^-keep_bits), got {keep_bits}")
+        self.keep_bits = keep_bits
         if not 1 <= fraction_bits <= 52:
             raise ValueError(
                 f"fraction_bits must be in [1, 52] (float64 has a 53-bit significand), got {fraction_bits}"
@@ -173,6 +194,27 @@ class FixedPointCoupling(StreamCoupling):
             return stream - self.to_grid(out)
         return torch.sub(stream, self.grid_steps(out), alpha=self.step)  # x = y - round(out * 2^k) * 2^-k
 
+    # A scaled join `y = keep * x + out`, keep = +-2^-m (m = keep_bits) or 0, stays exact by splitting x (n grid
+    # steps) into n - r and the residue r = n mod 2^m: keep * (n - r) steps is again a whole number of steps, and r,
+    # m bits per element that the division would lose, is kept packed beside the top streams (m/8 bytes per element
+    # and scaled join, against 4 for a stored fp32 activation).
+    def _residue_steps(self, stream: Tensor) -> Tensor:
+        return torch.remainder(stream.detach() * self.scale, 2.0**self.keep_bits)
+
+    def join(self, stream: Tensor, out: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Any]:
+        if keep is None:
+            return self.add(stream, out), None
+        residue = self._residue_steps(stream)
+        kept = keep.to(stream.dtype) * (stream - residue * self.step)  # exact; gradient keep (straight-through)
+        return self.add(kept, out), pack_residue(residue, self.keep_bits)
+
+    def unjoin(self, y: Tensor, out: Tensor, keep: Tensor | None = None, residue: Any = None) -> Tensor:
+        if keep is None:
+            return self.subtract(y, out)
+        if residue is None:
+            raise ValueError("Inverting a scaled fixed-point join needs the residue that join() returned.")
+        return self.subtract(y, out) / keep.to(y.dtype) + unpack_residue(residue) * self.step
+
     def read(self, stream: Tensor) -> Tensor:
         return stream.float()
 
@@ -198,6 +240,45 @@ def _extremes(stream: Tensor) -> Tensor:
     """(min, max) of `stream` as a 2-element float64 tensor on its device; NaN if any element is NaN."""
     # aminmax: one fused reduction without an |x| temporary (on CPU 2x faster than abs().amax(), 5x than norm(inf)).
     return torch.stack(torch.aminmax(stream)).double()
+
+
+class PackedResidue(NamedTuple):
+    """Integers in [0, 2^bits) of a given shape, as `bits` bit planes packed 8 elements per byte."""
+
+    planes: Tensor  # (bits, ceil(numel / 8)) uint8
+    shape: torch.Size
+
+
+_BIT_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> Tensor:
+    if device not in _BIT_WEIGHTS:
+        _BIT_WEIGHTS[device] = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+    return _BIT_WEIGHTS[device]
+
+
+def pack_residue(residue: Tensor, bits: int) -> PackedResidue:
+    """`residue` (integer-valued, in [0, 2^bits)) packed to `bits` / 8 bytes per element."""
+    flat = residue.reshape(-1).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
+    weights = _bit_weights(flat.device)
+    planes = torch.stack([((flat >> b) & 1).mul_(weights).sum(-1, dtype=torch.uint8) for b in range(bits)])
+    return PackedResidue(planes, residue.shape)
+
+
+def unpack_residue(packed: PackedResidue) -> Tensor:
+    """The float64 residue that `pack_residue` packed."""
+    weights = _bit_weights(packed.planes.device)
+    values = torch.zeros(packed.planes.shape[1], 8, dtype=torch.float64, device=packed.planes.device)
+    for b, plane in enumerate(packed.planes):
+        values += ((plane.unsqueeze(-1) & weights) != 0).double() * 2.0**b
+    return values.reshape(-1)[: packed.shape.numel()].view(packed.shape)
+
+
+def split_output(result: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """A sublayer's `out`, or `(out, keep)` when it also scales the stream it updates."""
+    return result if isinstance(result, tuple) else (result, None)
 
 
 def _sublayer_params(module: nn.Module) -> list[nn.Parameter]:
@@ -380,9 +461,10 @@ def _rerun(
     grad_out: Tensor,
     aux: Sequence[Tensor | None],
     sharded: bool,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Re-run one sublayer S on the stream `inp` with grad, once; return (out_stream - S(inp), (dS/dinp)^T grad_out,
-    parameter gradients).
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None]:
+    """Re-run one sublayer S on the stream `inp` with grad, once; return the stream S updated, rebuilt from
+    `out_stream` (`out_stream - S(inp)`, or `(out_stream - S(inp)) / keep` for a scaled join), (dS/dinp)^T grad_out,
+    the parameter gradients and S's `keep` (None for a plain add).
 
     The call happens inside `upstream_gradient(grad_out)`: a sublayer that bounds its own memory (`chunked`) computes
     its gradients chunk by chunk during this very call, since the gradient its output will receive is already known.
@@ -393,11 +475,11 @@ def _rerun(
     with torch.enable_grad(), replay.replay(), upstream_gradient(grad_out) as hint:
         # Differentiate with respect to what S reads: `read` is a cast, whose gradient is the identity.
         s_in = coupling.read(inp).detach().requires_grad_()
-        s_out = sublayer(s_in, *aux)
+        s_out, keep = split_output(sublayer(s_in, *aux))
     s_in_grad, grads = _backprop(s_out, s_in, params, hint.to(s_out.dtype), sharded)
     with torch.no_grad():
-        rebuilt = coupling.subtract(out_stream, s_out)
-    return rebuilt, s_in_grad.to(grad_out.dtype), _grads_or_zeros(grads, params)
+        rebuilt = coupling.unjoin(out_stream, s_out, keep, replay.residue)
+    return rebuilt, s_in_grad.to(grad_out.dtype), _grads_or_zeros(grads, params), keep
 
 
 Contexts = list[tuple[ForwardContext, ForwardContext]]  # (F, G) forward contexts, one pair per block
@@ -423,9 +505,9 @@ def forward_blocks(
     with torch.no_grad():
         for block in blocks:
             f_ctx = ForwardContext(x1.device, capture_rng)
-            x1 = coupling.add(x1, block.f(coupling.read(x2), *aux))  # y1 = x1 + F(x2)
+            x1, f_ctx.residue = coupling.join(x1, *split_output(block.f(coupling.read(x2), *aux)))  # y1 = x1 + F(x2)
             g_ctx = ForwardContext(x1.device, capture_rng)
-            x2 = coupling.add(x2, block.g(coupling.read(x1), *aux))  # y2 = x2 + G(y1)
+            x2, g_ctx.residue = coupling.join(x2, *split_output(block.g(coupling.read(x1), *aux)))  # y2 = x2 + G(y1)
             contexts.append((f_ctx, g_ctx))
             if check:
                 extremes += [_extremes(x1), _extremes(x2)]
@@ -453,11 +535,14 @@ def reconstruct_inputs(
     def replay(i: int, sublayer: int) -> contextlib.AbstractContextManager:
         return contexts[i][sublayer].replay() if contexts is not None else contextlib.nullcontext()
 
+    def residue(i: int, sublayer: int) -> Any:
+        return contexts[i][sublayer].residue if contexts is not None else None
+
     for i in reversed(range(len(blocks))):
         with replay(i, 1):
-            x2 = coupling.subtract(y2, blocks[i].g(coupling.read(y1), *aux))  # x2 = y2 - G(y1)
+            x2 = coupling.unjoin(y2, *split_output(blocks[i].g(coupling.read(y1), *aux)), residue(i, 1))  # y2 - G(y1)
         with replay(i, 0):
-            x1 = coupling.subtract(y1, blocks[i].f(coupling.read(x2), *aux))  # x1 = y1 - F(x2)
+            x1 = coupling.unjoin(y1, *split_output(blocks[i].f(coupling.read(x2), *aux)), residue(i, 0))  # y1 - F(x2)
         y1, y2 = x1, x2
     return y1, y2
 
@@ -497,24 +582,28 @@ class ReversibleStack(torch.autograd.Function):
         param_grads: list[list[Tensor]] = []
         for block, (f_ctx, g_ctx) in zip(reversed(ctx.blocks), reversed(ctx.contexts)):
             # G: x2 = y2 - G(y1);  dL/dy1 += (dG/dy1)^T dL/dy2
-            x2, dy1_from_g, g_grads = _rerun(block.g, g_ctx, coupling, y1, y2, dy2, aux, ctx.sharded)
+            x2, dy1_from_g, g_grads, keep_g = _rerun(block.g, g_ctx, coupling, y1, y2, dy2, aux, ctx.sharded)
             dy1 = dy1 + dy1_from_g
             # F: x1 = y1 - F(x2);  dL/dx2 = dL/dy2 + (dF/dx2)^T dL/dy1
-            x1, dx2_from_f, f_grads = _rerun(block.f, f_ctx, coupling, x2, y1, dy1, aux, ctx.sharded)
+            x1, dx2_from_f, f_grads, keep_f = _rerun(block.f, f_ctx, coupling, x2, y1, dy1, aux, ctx.sharded)
             param_grads.append(f_grads + g_grads)
-            y1, y2, dy2 = x1, x2, dy2 + dx2_from_f  # dy1 is already dL/dx1: y1 = x1 + F(x2) passes it through
+            # y1 = x1 + F(x2) passes dL/dy1 through to x1 (times keep for a scaled join y1 = keep * x1 + F(x2))
+            dx1 = dy1 if keep_f is None else dy1 * keep_f.to(dy1.dtype)
+            dx2 = dy2 if keep_g is None else dy2 * keep_g.to(dy2.dtype)
+            y1, y2, dy1, dy2 = x1, x2, dx1, dx2 + dx2_from_f
 
         flat_param_grads = [g for block_grads in reversed(param_grads) for g in block_grads]
         no_grads = (None,) * (4 + ctx.num_aux)  # blocks, coupling, capture_rng, num_aux, *aux
         return (dy1, dy2, *no_grads, *flat_param_grads)
 
 
-def make_coupling(stream_dtype: str = "float32", fraction_bits: int = 32) -> StreamCoupling:
-    """The coupling for `RevformerConfig.stream_dtype` (`fraction_bits` is `stream_fraction_bits`)."""
+def make_coupling(stream_dtype: str = "float32", fraction_bits: int = 32, keep_bits: int = 1) -> StreamCoupling:
+    """The coupling for `RevformerConfig.stream_dtype` (`fraction_bits` is `stream_fraction_bits`; scaled joins keep
+    +-2^-keep_bits of the stream, as the `bdia` coupling's gamma)."""
     if stream_dtype == "float32":
         return StreamCoupling()
     if stream_dtype == "fixed_point":
-        return FixedPointCoupling(fraction_bits)
+        return FixedPointCoupling(fraction_bits, keep_bits)
     raise ValueError(f"Unknown stream_dtype {stream_dtype!r}; choose 'float32' or 'fixed_point'.")
 
 

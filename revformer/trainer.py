@@ -128,7 +128,8 @@ def teacher_targets(teacher: torch.nn.Module, ids: torch.Tensor, position_ids: t
                     ce_weight: float) -> dict[str, Any]:
     """The forward keywords that make the model's loss the distillation loss: the teacher's final hidden states
     (its logits are computed chunk by chunk inside the loss, never for the whole batch) and LM-head weight."""
-    hidden = teacher.base_model(input_ids=ids, position_ids=position_ids).last_hidden_state
+    # use_cache=False: transformers' models build a cache by default, and then ignore documents marked by position_ids
+    hidden = teacher.base_model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
     return {"teacher_hidden_states": hidden, "teacher_lm_head": teacher.get_output_embeddings().weight,
             "distill_ce_weight": ce_weight}
 
@@ -267,7 +268,8 @@ def sequence_nats(
         rows = position_ids.split(1) if position_ids is not None else [None] * ids.shape[0]
         return torch.stack([model(input_ids=row, labels=row, position_ids=pos).loss.double() * (ids.shape[1] - 1)
                             for row, pos in zip(ids.split(1), rows)])  # fmt: skip
-    logits = model(input_ids=ids, position_ids=position_ids).logits[:, :-1]  # (B, T-1, V)
+    # use_cache=False: with a cache, transformers' models ignore the documents that position_ids mark
+    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
     per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
     return per_token.view(ids.shape[0], -1).sum(1).double()
 
@@ -710,7 +712,7 @@ def train_step(s: Session) -> tuple[torch.Tensor, float]:
                 with accelerator.autocast():
                     distill = teacher_targets(s.teacher, batch["input_ids"], position_ids, run.train.distill_ce_weight)
             loss = s.model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=position_ids,
-                           **distill).loss
+                           use_cache=False, **distill).loss  # with a cache, models other than revformer ignore documents
             if not math.isfinite(accelerator.reduce(loss.detach(), "sum").item()):
                 raise NonFiniteError(f"loss {loss.item()}", s.step + 1)
             accelerator.backward(loss)

@@ -47,8 +47,10 @@ def source_model(family: str) -> torch.nn.Module:
     return model.eval()
 
 
-def reference_logits(source: torch.nn.Module, ids: torch.Tensor, coupling: str, step: float = 2.0) -> torch.Tensor:
-    """The coupling written naively with the source's own modules (sdpa, causal, no mask)."""
+def reference_logits(source: torch.nn.Module, ids: torch.Tensor, coupling: str, step: float = 2.0,
+                     gammas: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The coupling written naively with the source's own modules (sdpa, causal, no mask); `gammas`: the bdia
+    coupling's per-sequence gamma of each layer after the first (None: evaluation, gamma = 0)."""
     base = source.model
     emb = base.embed_tokens(ids)
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
@@ -59,6 +61,13 @@ def reference_logits(source: torch.nn.Module, ids: torch.Tensor, coupling: str, 
             x1 = x1 + layer.self_attn(layer.input_layernorm(x2), position_embeddings=rope, attention_mask=None)[0]
             x2 = x2 + layer.mlp(layer.post_attention_layernorm(x1))
         hidden = (x1 + x2) / 2
+    elif coupling == "bdia":  # p[l+1] = g p[l-1] + (1 - g) p[l] + (1 + g) f_l(p[l]); p[1] = p[0] + f_0(p[0])
+        previous = current = emb
+        for i, layer in enumerate(base.layers):
+            update = layer(current, attention_mask=None, position_embeddings=rope, position_ids=positions) - current
+            g = 0.0 if i == 0 or gammas is None else gammas[i - 1]
+            previous, current = current, g * previous + (1 - g) * current + (1 + g) * update
+        hidden = current
     else:  # p[l+1] = p[l-1] + c_l * f_l(p[l]), p[-1] = p[0] = embedding, c_0 = 1
         previous = current = emb
         for i, layer in enumerate(base.layers):
@@ -69,7 +78,7 @@ def reference_logits(source: torch.nn.Module, ids: torch.Tensor, coupling: str, 
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("coupling", ["midpoint", "sublayer"])
+@pytest.mark.parametrize("coupling", ["midpoint", "sublayer", "bdia"])
 def test_converted_forward_equals_its_coupling_written_with_the_source_modules(family, coupling):
     source = source_model(family)
     source.config._attn_implementation = "sdpa"
@@ -79,6 +88,27 @@ def test_converted_forward_equals_its_coupling_written_with_the_source_modules(f
         expected = reference_logits(source, ids, coupling)
         got = model(ids).logits
     assert relative_error(got, expected) < 1e-5
+    if coupling == "bdia":  # out of training, bdia is the source itself
+        assert relative_error(got, source(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama-gqa-llama3-tied", "qwen3-qk-norm-head-dim"])
+def test_bdia_in_training_equals_its_coupling_with_the_same_gamma_draws(family):
+    """In training each layer after the first draws gamma = +-0.5 per sequence; the reversible forward equals the
+    naive coupling under those draws (and the gradients equal plain autograd: tests/test_reversible.py)."""
+    source = source_model(family)
+    source.config._attn_implementation = "sdpa"
+    model = convert_model(source, coupling="bdia").train()
+    ids = torch.randint(3, 96, (4, 20))
+    torch.manual_seed(3)
+    got = model(ids).logits  # grad enabled: the reversible engine
+    torch.manual_seed(3)
+    gammas = [torch.randint(0, 2, (4, 1, 1)).mul(2).sub(1) * 0.5 for _ in range(len(source.model.layers) - 1)]
+    assert {g.item() for gamma in gammas for g in gamma.flatten()} == {-0.5, 0.5}
+    with torch.no_grad():
+        expected = reference_logits(source, ids, "bdia", gammas=gammas)
+        assert relative_error(expected, source(ids).logits) > 1e-3  # the draws do change the function
+    assert relative_error(got.detach(), expected) < 1e-5
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -110,14 +140,16 @@ def test_a_one_layer_midpoint_model_is_the_source():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_converted_model_trains_reversibly_generates_and_reloads(family, tmp_path):
-    model = convert_model(source_model(family)).float()
+@pytest.mark.parametrize("coupling", ["midpoint", "bdia"])
+def test_converted_model_trains_reversibly_generates_and_reloads(family, coupling, tmp_path):
+    model = convert_model(source_model(family), coupling=coupling).float()
     ids = torch.randint(3, 96, (2, 24))
     model.train()
     grads = {}
     for reversible in (True, False):
         model.config.reversible = reversible
         model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same gamma draws (bdia) on both paths
         model(input_ids=ids, labels=ids).loss.backward()
         grads[reversible] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name in grads[True]:
@@ -129,7 +161,7 @@ def test_converted_model_trains_reversibly_generates_and_reloads(family, tmp_pat
     assert torch.equal(cached, uncached)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(loaded) is RevformerForCausalLM and loaded.config.coupling == "midpoint"
+    assert type(loaded) is RevformerForCausalLM and loaded.config.coupling == coupling
     with torch.no_grad():
         assert relative_error(loaded(ids).logits, model(ids).logits) < 1e-6
 
@@ -287,17 +319,50 @@ def test_distillation_loss_equals_a_naive_full_logits_kl(loss_chunk_size, ce_wei
 def test_benchmark_conversion_tiny(tmp_path):
     """scripts/benchmark_conversion.py --tiny through teacher, heal (one coupling), memory and report (the
     fine-tuning stage runs the same train/evaluate commands on the held-out folders, and is left out for time)."""
-    run_benchmark("benchmark_conversion.py", "--tiny", "--work", str(tmp_path), "--couplings", "midpoint",
+    run_benchmark("benchmark_conversion.py", "--tiny", "--work", str(tmp_path), "--couplings", "bdia",
                   "--stages", "teacher,heal,memory,report")
     results = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert set(results) == {"teacher", "convert/midpoint", "heal/midpoint", "scratch", "memory"}
-    assert results["teacher"]["final_loss"] > 0 and results["convert/midpoint"]["loss"] > 0
-    assert results["heal/midpoint"]["tokens"] == 3 * 4 * 64 and results["heal/midpoint"]["curve"]  # steps x batch x block
+    assert set(results) == {"teacher", "teacher/eval", "convert/bdia", "heal/bdia", "scratch", "memory"}
+    assert results["teacher"]["final_loss"] > 0
+    # A bdia conversion is its teacher until trained, scored by the same command.
+    assert abs(results["convert/bdia"]["loss"] / results["teacher/eval"]["loss"] - 1) < 1e-5
+    assert results["heal/bdia"]["tokens"] == 3 * 4 * 64 and results["heal/bdia"]["curve"]  # steps x batch x block
     memory = {(r["model"], r["layers"]): r for r in results["memory"]}
-    assert set(memory) == {(m, n) for m in ("revformer (converted)", "teacher + checkpointing", "teacher")
+    assert set(memory) == {(m, n) for m in ("revformer (converted, bdia)", "teacher + checkpointing", "teacher")
                            for n in (2, 4)}
     assert all(r["peak_growth_bytes"] > 0 and r["torch"] for r in memory.values())
     readme = (tmp_path / "results" / "README.md").read_text()
-    assert "| midpoint | " in readme and "| model | 2 layers | 4 layers |" in readme
+    assert "| bdia | " in readme and "| model | 2 layers | 4 layers |" in readme
     assert "at 256 tokens" in readme and (tmp_path / "results" / "healing.png").stat().st_size > 0
 
+
+def test_a_source_and_its_bdia_conversion_score_alike_on_packed_documents():
+    """`evaluate` and the distillation teacher pass use_cache=False: transformers' models otherwise build a cache
+    and attend across the documents that position_ids mark. A bdia conversion (the source out of training) then
+    gets the source's loss and hidden states on packed multi-document blocks, and both keep documents apart."""
+    from accelerate import Accelerator
+
+    from revformer.data import document_position_ids
+    from revformer.trainer import evaluate, teacher_targets
+
+    source = source_model("llama-gqa-llama3-tied")
+    model = convert_model(source, coupling="bdia")
+    eos = source.config.eos_token_id
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 96, (6, 24), generator=generator)
+    ids[:, 7] = eos  # every block holds two documents (and a third in some)
+    ids[::2, 16] = eos
+    blocks = [{"input_ids": row} for row in ids]
+    accelerator = Accelerator(cpu=True)
+    losses = [evaluate(m, blocks, accelerator, batch_size=4)["eval/loss"] for m in (source, model)]
+    assert abs(losses[0] - losses[1]) < 1e-5 * losses[0], losses
+    crossing = evaluate(source, blocks, accelerator, batch_size=4, document_attention=False)["eval/loss"]
+    assert abs(crossing - losses[0]) > 1e-3  # the documents do matter here
+    positions = document_position_ids(ids, eos)
+    source.eval(), model.eval()  # evaluate() leaves models in train mode, where bdia draws its gamma
+    hidden = teacher_targets(source, ids, positions, 0.0)["teacher_hidden_states"]
+    with torch.no_grad():
+        alone = source.model(ids[:, 8:16], use_cache=False).last_hidden_state  # the second document by itself
+        converted = model.model(ids, position_ids=positions).last_hidden_state
+    assert relative_error(hidden[:, 8:16], alone) < 1e-5
+    assert relative_error(hidden, converted) < 1e-5

@@ -37,15 +37,15 @@ def test_defaults_chunk_long_sequences_only():
         assert model(short, labels=short).logits is not None  # one chunk: logits are returned as usual
 
 
-# The options converted Llama-family models bring, with the coupling convert.py produces.
-CONVERTED = dict(coupling="midpoint", num_key_value_heads=2, head_dim=12, qkv_bias=True, qk_norm=True,
+# The options converted Llama-family models bring (with each block-level coupling: parametrized below).
+CONVERTED = dict(num_key_value_heads=2, head_dim=12, qkv_bias=True, qk_norm=True,
                  tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("reversible", [True, False])
 @pytest.mark.parametrize("stream_dtype", ["float32", "fixed_point"])
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("converted", [False, True])
+@pytest.mark.parametrize("converted", [None, "midpoint", "bdia"])
 def test_chunked_options_give_the_unchunked_gradients(reversible, stream_dtype, autocast, converted):
     torch.manual_seed(0)
     # Chunks that do not divide the sequence (T = 45, B*T = 90) and a mixed attention stack.
@@ -53,7 +53,7 @@ def test_chunked_options_give_the_unchunked_gradients(reversible, stream_dtype, 
                                              local_chunk_length=8, lsh_chunk_length=8, lsh_num_buckets=4,
                                              stream_dtype=stream_dtype, reversible=reversible,
                                              chunk_size_feed_forward=7, loss_chunk_size=13,
-                                             **(CONVERTED if converted else {}))).train()
+                                             **({**CONVERTED, "coupling": converted} if converted else {}))).train()
     reference = twin(model, chunk_size_feed_forward=0, loss_chunk_size=0)
     ids = torch.randint(0, 128, (2, 45))
     loss, grads = grads_of(model, ids, autocast=autocast)

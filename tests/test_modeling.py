@@ -31,6 +31,8 @@ def model():
         (dict(attention_dropout=1.5), "attention_dropout must be in [0, 1)"),
         (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
         (dict(stream_dtype="int8"), "stream_dtype must be one of"),
+        (dict(coupling="bdia", bdia_gamma=0.3), "bdia_gamma must be a power of two"),
+        (dict(coupling="leapfrog"), "coupling must be one of"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, message):

@@ -1,7 +1,7 @@
 """The memory options in combination with every parallel mode: 1 process, DDP and FSDP2 (2 CPU processes, gloo).
 
 Two sweeps. The first calls the model directly: for a grid of configurations (chunked feed-forward, chunked loss,
-`full`/`local`/`lsh` layers, dropout, fixed-point streams, both couplings, the options of converted Llama-family
+`full`/`local`/`lsh` layers, dropout, fixed-point streams, every coupling, the options of converted Llama-family
 models, reversible or plain) both ranks run the same batch under
 the same seed, so DDP's and FSDP2's averaged gradients must equal one unsharded backward. The second trains through
 the real scripts with every option on at once plus gradient accumulation, and compares the final weights.
@@ -40,6 +40,8 @@ GRID = {
                                    tie_word_embeddings=False, hidden_dropout=0.1),
     "midpoint_fixed_point": dict(attention_layers="full", coupling="midpoint", num_key_value_heads=2,
                                  stream_dtype="fixed_point"),
+    "bdia_fixed_point": dict(attention_layers=["lsh", "full", "local"], coupling="bdia", stream_dtype="fixed_point",
+                             num_key_value_heads=2, qk_norm=True, tie_word_embeddings=False, hidden_dropout=0.1),
 }
 
 

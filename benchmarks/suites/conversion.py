@@ -143,7 +143,11 @@ CANDIDATES = {
     "midpoint": ["--coupling", "midpoint"],  # p[l+1] = p[l-1] + 2 f_l(p[l]), first step 1
     "sublayer": ["--coupling", "sublayer"],  # y1 = x1 + A(x2), y2 = x2 + M(y1), mean of the streams
     "midpoint_step1": ["--coupling", "midpoint", "--midpoint-step", "1"],  # p[l+1] = p[l-1] + f_l(p[l])
+    # p[l+1] = g p[l-1] + (1 - g) p[l] + (1 + g) f_l(p[l]), g = +-0.5 in training, 0 in evaluation (the source)
+    "bdia": ["--coupling", "bdia"],
 }
+# A conversion this close to the teacher needs no healing: the finetune stage then fine-tunes it as converted too.
+NO_HEALING_NEEDED = 0.02
 EVAL_LINE = re.compile(r"step (\d+): eval/loss ([0-9.]+)")
 
 
@@ -203,6 +207,8 @@ def stage_heal(work: Path, teacher: Path, names: list[str]) -> None:
     """Convert with each coupling, score it, heal it by distillation; and the same shape trained from scratch."""
     pretrain, _ = make_corpora(work)
     results = load_results()
+    if "teacher/eval" not in results:  # scored by the same command as every converted model
+        save_result("teacher/eval", {"loss": evaluate_cli(teacher, pretrain, work / "logs" / "eval_teacher.log")})
     for name in names:
         converted = work / "converted" / name
         if not (converted / "config.json").exists():
@@ -220,17 +226,24 @@ def stage_heal(work: Path, teacher: Path, names: list[str]) -> None:
         config = json.loads((work / "converted" / names[0] / "config.json").read_text())
         shape = []
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings", "coupling"):
+                    "num_key_value_heads", "max_position_embeddings", "coupling", "stream_dtype"):
             shape += [f"--model.{key}", str(config[key])]
         save_result("scratch", train_cli(
             "scripts/pretrain.py", ["--data.tokenizer", "byte"], pretrain, work / "scratch", S.heal_steps, 1.5e-3, 10,
             [*shape, "--model.loss_chunk_size", "0", "--train.weight_decay", "0.1"], "scratch", work))
 
 
-def stage_finetune(work: Path, teacher: Path, healed_name: str) -> None:
-    """Fine-tune the healed model and the teacher alike on text the teacher never saw (the held-out folders)."""
+def stage_finetune(work: Path, teacher: Path, healed_name: str, names: list[str]) -> None:
+    """Fine-tune the healed model and the teacher alike on text the teacher never saw (the held-out folders), and
+    each converted model that is already within NO_HEALING_NEEDED of the teacher as it was converted."""
     _, finetune = make_corpora(work)
-    for name, init in (("teacher", teacher), (f"healed_{healed_name}", work / "heal" / healed_name / "model")):
+    results = load_results()
+    runs = [("teacher", teacher), (f"healed_{healed_name}", work / "heal" / healed_name / "model")]
+    for name in names:
+        converted = results.get(f"convert/{name}", {}).get("loss")
+        if converted is not None and converted <= results["teacher/eval"]["loss"] * (1 + NO_HEALING_NEEDED):
+            runs.append((f"converted_{name}", work / "converted" / name))
+    for name, init in runs:
         key = f"finetune/{name}"
         if key in load_results():
             continue
@@ -277,11 +290,13 @@ def stage_memory(work: Path, teacher: Path, healed_name: str) -> None:
     """Activation memory of the converted shape, the teacher and the teacher with checkpointing at each depth of
     S.memory_layers, one fresh process per figure."""
     converted = work / "converted" / healed_name  # only the shape matters: each figure runs random weights
-    rows = []
-    for label, folder, checkpointing in (("revformer (converted)", converted, False),
+    rows = load_results().get("memory", [])  # figures measured before (other couplings) are kept
+    for label, folder, checkpointing in ((f"revformer (converted, {healed_name})", converted, False),
                                          ("teacher + checkpointing", teacher, True),
                                          ("teacher", teacher, False)):
         for layers in S.memory_layers:
+            if any(row["model"] == label and row["layers"] == layers for row in rows):
+                continue
             spec = {"model": label, "folder": str(folder), "layers": layers, "checkpointing": checkpointing}
             done = run_worker({"mode": "conversion_memory", "spec": spec, "tokens": S.memory_tokens},
                               env={**os.environ, **MALLOC_ENV})
@@ -315,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         stage_heal(work, teacher, names)
     healed = best_healed(names)
     if "finetune" in stages:
-        stage_finetune(work, teacher, healed)
+        stage_finetune(work, teacher, healed, names)
     if "memory" in stages:
         stage_memory(work, teacher, healed)
     if "report" in stages:
@@ -329,7 +344,8 @@ def report() -> None:
     import torch
 
     r = load_results()
-    teacher = r["teacher"]["final_loss"]
+    # The teacher's loss by scripts/evaluate.py, as every converted model is scored (older results: its final eval).
+    teacher = r.get("teacher/eval", {}).get("loss", r["teacher"]["final_loss"])
     gap = lambda loss: f"{100 * (loss / teacher - 1):+.1f}%"  # noqa: E731
     mtok = lambda tokens: f"{tokens / 1e6:.2f}M"  # noqa: E731
     lines = [
@@ -390,8 +406,9 @@ def plot(r: dict[str, Any]) -> None:
         points = r[key]["curve"] + [(r[key]["tokens"], r[key]["final_loss"])]
         label = "same shape from scratch" if name == "scratch" else f"{name} (KL healing)"
         ax.plot([t / 1e6 for t, _ in points], [loss for _, loss in points], marker="o", label=label)
-    ax.axhline(r["teacher"]["final_loss"], color="k", linestyle="--", label="teacher (Llama)")
-    ax.axhline(1.02 * r["teacher"]["final_loss"], color="grey", linestyle=":", label="teacher + 2%")
+    teacher = r.get("teacher/eval", {}).get("loss", r["teacher"]["final_loss"])
+    ax.axhline(teacher, color="k", linestyle="--", label="teacher (Llama)")
+    ax.axhline(1.02 * teacher, color="grey", linestyle=":", label="teacher + 2%")
     ax.set(xlabel="healing tokens (M)", ylabel="validation loss (nats/byte)", title="Converted Llama, healing by coupling")
     ax.set_ylim(top=min(ax.get_ylim()[1], 2.5 * r["teacher"]["final_loss"]))
     ax.legend()
