@@ -8,9 +8,10 @@ SmolLM/SmolLM2; `MistralForCausalLM`; `Qwen2ForCausalLM`; `Qwen3ForCausalLM`), w
 `h = p + A(RMSNorm p); out = h + M(RMSNorm h)` with rotary attention (grouped-query, optional q/k/v biases, optional
 per-head q/k norm) and a SwiGLU feed-forward. Every source tensor lands in exactly one place (`weight_map`).
 
-A residual stack is not invertible, so no reversible network computes the source's function exactly: the converted
-model starts close to it and is healed by a short distillation (`train.distill_from`). The coupling decides how
-close it starts and how fast it heals (README, "Start from a pretrained model"); `midpoint` is the default.
+A residual stack is not invertible, so no reversible network computes the source's function in training. The default
+`bdia` coupling computes it exactly out of training (gamma = 0) and only in training perturbs it into an invertible
+stack, so a converted model needs no healing; `midpoint` and `sublayer` change the function and are healed by a
+short distillation (`train.distill_from`). What each costs and wins back is measured in docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ import torch
 
 from .configuration_revformer import COUPLINGS, RevformerConfig
 from .modeling_revformer import RevformerForCausalLM
+
+# gamma of a converted bdia model: training then runs a network within 0.2% of the source's loss (1/2, the value
+# of training from scratch, is 55% off it; docs/conversion.md), for 4 bits per stream element and layer.
+BDIA_GAMMA = 2.0**-4
 
 SUPPORTED = {
     "llama": "LlamaForCausalLM (Llama 2/3.x, TinyLlama, SmolLM, SmolLM2)",
@@ -98,7 +103,7 @@ def check_convertible(source_config: Any, name: str | None = None) -> None:
 
 
 def revformer_config_from(
-    source_config: Any, coupling: str = "midpoint", midpoint_step: float = 2.0, name: str | None = None,
+    source_config: Any, coupling: str = "bdia", midpoint_step: float = 2.0, name: str | None = None,
     **overrides: Any,
 ) -> RevformerConfig:
     """The RevformerConfig whose layers compute the source's blocks, joined by `coupling`; `overrides` win.
@@ -134,6 +139,7 @@ def revformer_config_from(
         midpoint_step=midpoint_step,
         # bdia's inverse divides by gamma: exact only on fixed-point streams.
         stream_dtype="fixed_point" if coupling == "bdia" else "float32",
+        bdia_gamma=BDIA_GAMMA,
     )
     return RevformerConfig(**{**fields, **overrides})
 
@@ -158,7 +164,7 @@ def weight_map(source_names: list[str], tied: bool) -> dict[str, str]:
     return mapping
 
 
-def convert_model(source: Any, coupling: str = "midpoint", midpoint_step: float = 2.0, **overrides: Any
+def convert_model(source: Any, coupling: str = "bdia", midpoint_step: float = 2.0, **overrides: Any
                   ) -> RevformerForCausalLM:
     """A RevformerForCausalLM holding the weights of the loaded source model (every tensor placed, shapes checked)."""
     config = revformer_config_from(source.config, coupling, midpoint_step, type(source).__name__, **overrides)
@@ -195,14 +201,7 @@ def model_card(source_name: str, config: RevformerConfig) -> str:
         f"The weights of `{source_name}` unchanged, in a reversible stack ({config.num_hidden_layers} layers, "
         f"`{config.coupling}` coupling): activation memory in training no longer grows with depth.",
         "",
-        "A residual stack is not invertible, so this model does not compute the source's function exactly until it "
-        "is healed by a short distillation from the source:",
-        "",
-        "```",
-        "accelerate launch scripts/finetune.py --config configs/heal.yaml --train.init_from THIS_FOLDER \\",
-        f"    --train.distill_from {source_name} --data.dataset YOUR_TEXT",
-        "```",
-        "",
+        *(_card_bdia(source_name) if config.coupling == "bdia" else _card_heal(source_name)),
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER", trust_remote_code=True)',
@@ -211,10 +210,38 @@ def model_card(source_name: str, config: RevformerConfig) -> str:
     ])
 
 
+def _card_bdia(source_name: str) -> list[str]:
+    return [
+        "Out of training it computes the source's function exactly (the `bdia` coupling, whose gamma is 0 there): "
+        "generation and the KV cache are the source's. In training each layer after the first draws gamma = "
+        "+-bdia_gamma per sequence, which makes the stack invertible (exactly, on its fixed-point streams). "
+        "Fine-tune it directly:",
+        "",
+        "```",
+        "accelerate launch scripts/finetune.py --config configs/finetune.yaml --train.init_from THIS_FOLDER \\",
+        "    --data.dataset YOUR_TEXT",
+        "```",
+        "",
+    ]
+
+
+def _card_heal(source_name: str) -> list[str]:
+    return [
+        "A residual stack is not invertible, so this model does not compute the source's function exactly until it "
+        "is healed by a short distillation from the source:",
+        "",
+        "```",
+        "accelerate launch scripts/finetune.py --config configs/heal.yaml --train.init_from THIS_FOLDER \\",
+        f"    --train.distill_from {source_name} --data.dataset YOUR_TEXT",
+        "```",
+        "",
+    ]
+
+
 def convert_to_revformer(
     source: str,
     output_dir: str | Path | None = None,
-    coupling: str = "midpoint",
+    coupling: str = "bdia",
     midpoint_step: float = 2.0,
     dtype: str | torch.dtype | None = None,
     **overrides: Any,

@@ -277,12 +277,14 @@ def sequence_nats(
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, blocks: Any, accelerator: Accelerator, batch_size: int, prefix: str = "eval/",
-    document_attention: bool = True,
+    document_attention: bool = True, train_mode: bool = False,
 ) -> dict[str, float]:
     """Loss (nats/token), perplexity and, when blocks carry `num_bytes`, bits per byte over every block in
     `blocks`, summed over all processes' shards. `scripts/evaluate.py` calls exactly this. With
-    `document_attention` (data.document_attention, as in training) attention stays inside each document."""
-    model.eval()
+    `document_attention` (data.document_attention, as in training) attention stays inside each document.
+    `train_mode` scores the network that training runs (dropout on, the `bdia` coupling's gamma drawn), still
+    without gradients."""
+    model.train(train_mode)
     loader = accelerator.prepare_data_loader(
         build_dataloader(blocks, batch_size, seed=0, shuffle=False, drop_last=False)
     )

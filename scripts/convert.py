@@ -1,6 +1,9 @@
 """Convert a pretrained Llama-family causal LM (Hub id or local folder) into a reversible revformer model folder.
 
     python scripts/convert.py HuggingFaceTB/SmolLM2-135M runs/smollm2-rev
+    accelerate launch scripts/finetune.py --config configs/finetune.yaml --train.init_from runs/smollm2-rev \
+        --data.dataset my_texts/
+    # --coupling midpoint or sublayer change the function: heal them by distillation from the source first
     accelerate launch scripts/finetune.py --config configs/heal.yaml --train.init_from runs/smollm2-rev \
         --train.distill_from HuggingFaceTB/SmolLM2-135M --data.dataset my_texts/
 """
@@ -16,19 +19,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="Hub id or local folder of a Llama/Mistral/Qwen2/Qwen3 causal LM")
     parser.add_argument("output_dir", help="where to write the revformer folder")
-    parser.add_argument("--coupling", choices=COUPLINGS, default="midpoint",
-                        help="how the source's layers join the two streams (default: midpoint)")
+    parser.add_argument("--coupling", choices=COUPLINGS, default="bdia",
+                        help="how the source's layers join the two streams (default: bdia, the source itself out of "
+                             "training)")
+    parser.add_argument("--bdia-gamma", type=float, default=None,
+                        help="gamma of the bdia coupling, a power of two (default: 1/16, which training barely "
+                             "perturbs)")
     parser.add_argument("--midpoint-step", type=float, default=2.0, help="step c of the midpoint coupling after layer 0")
     parser.add_argument("--dtype", default=None, help="weights dtype, e.g. float32 or bfloat16 (default: the source's)")
     args = parser.parse_args()
     try:
         model = convert_to_revformer(args.source, args.output_dir, coupling=args.coupling,
-                                     midpoint_step=args.midpoint_step, dtype=args.dtype)
+                                     midpoint_step=args.midpoint_step, dtype=args.dtype,
+                                     **({} if args.bdia_gamma is None else {"bdia_gamma": args.bdia_gamma}))
     except ConversionError as err:
         sys.exit(f"error: {err}")
     count = sum(p.numel() for p in model.parameters())
     print(f"Converted {args.source} -> {args.output_dir}: {model.config.num_hidden_layers} layers, "
-          f"{model.config.coupling} coupling, {count / 1e6:.1f}M parameters. Heal it with train.distill_from.")
+          f"{model.config.coupling} coupling, {count / 1e6:.1f}M parameters. "
+          + ("Out of training it is the source; fine-tune it as it is." if model.config.coupling == "bdia"
+             else "Heal it with train.distill_from."))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python scripts/evaluate.py runs/tiny/model --data.dataset texts/ --data.validation_fraction 0.2
                                                                      # the part training would hold out
     python scripts/evaluate.py runs/tiny/model --data.validation_split test   # a named split of the run's dataset
+    python scripts/evaluate.py runs/tiny/model --train-mode          # the network training runs (dropout, bdia)
     accelerate launch scripts/evaluate.py runs/tiny/model ...        # several processes
 
 The run's own `train_config.yaml` (saved beside the model) gives the data section unless --config names
@@ -16,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
@@ -38,6 +40,9 @@ def main() -> None:
     parser.add_argument("model", help="save_pretrained folder or hub id (its tokenizer is used)")
     parser.add_argument("--config", help="run YAML whose data section names the corpus (default: the "
                                          "train_config.yaml saved beside the model)")
+    parser.add_argument("--train-mode", action="store_true",
+                        help="score the network training runs (dropout on, the bdia coupling's gamma drawn; seeded "
+                             "by --train.seed): how far it is from the one evaluation and generation run")
     args, overrides = parser.parse_known_args()
     try:
         given = parse_overrides(overrides)
@@ -73,8 +78,11 @@ def main() -> None:
             blocks = sample_blocks(blocks, run.train.eval_batches * run.train.batch_size, seed=run.train.seed)
             what += f", a fixed random sample of {run.train.eval_batches} batches"
         model = accelerator.prepare(model)
+        if args.train_mode:
+            torch.manual_seed(run.train.seed + accelerator.process_index)
+            what += ", in training mode"
         metrics = evaluate(model, blocks, accelerator, run.train.batch_size,
-                           document_attention=run.data.document_attention)
+                           document_attention=run.data.document_attention, train_mode=args.train_mode)
     except (ConfigError, DataError) as err:
         sys.exit(f"error: {err}")
     if accelerator.is_main_process:

@@ -94,7 +94,7 @@ def test_converted_forward_equals_its_coupling_written_with_the_source_modules(f
 
 @pytest.mark.parametrize("family", ["llama-gqa-llama3-tied", "qwen3-qk-norm-head-dim"])
 def test_bdia_in_training_equals_its_coupling_with_the_same_gamma_draws(family):
-    """In training each layer after the first draws gamma = +-0.5 per sequence; the reversible forward equals the
+    """In training each layer after the first draws gamma = +-bdia_gamma per sequence; the reversible forward equals the
     naive coupling under those draws (and the gradients equal plain autograd: tests/test_reversible.py)."""
     source = source_model(family)
     source.config._attn_implementation = "sdpa"
@@ -103,8 +103,10 @@ def test_bdia_in_training_equals_its_coupling_with_the_same_gamma_draws(family):
     torch.manual_seed(3)
     got = model(ids).logits  # grad enabled: the reversible engine
     torch.manual_seed(3)
-    gammas = [torch.randint(0, 2, (4, 1, 1)).mul(2).sub(1) * 0.5 for _ in range(len(source.model.layers) - 1)]
-    assert {g.item() for gamma in gammas for g in gamma.flatten()} == {-0.5, 0.5}
+    g = model.config.bdia_gamma
+    assert g == 2.0**-4  # what convert.py chooses (docs/conversion.md)
+    gammas = [torch.randint(0, 2, (4, 1, 1)).mul(2).sub(1) * g for _ in range(len(source.model.layers) - 1)]
+    assert {v.item() for gamma in gammas for v in gamma.flatten()} == {-g, g}
     with torch.no_grad():
         expected = reference_logits(source, ids, "bdia", gammas=gammas)
         assert relative_error(expected, source(ids).logits) > 1e-3  # the draws do change the function
@@ -179,7 +181,7 @@ def test_convert_script_writes_a_folder_that_loads_without_revformer(tmp_path, b
     assert "source" in (out / "README.md").read_text()
     ids = torch.randint(3, 96, (1, 16))
     with torch.no_grad():
-        torch.save({"ids": ids, "logits": reference_logits(source, ids, "midpoint")}, tmp_path / "expected.pt")
+        torch.save({"ids": ids, "logits": source(ids).logits}, tmp_path / "expected.pt")  # bdia: the source itself
     script = textwrap.dedent(f"""
         import sys
         sys.modules["revformer"] = None  # any `import revformer` now raises ImportError
@@ -195,7 +197,7 @@ def test_convert_script_writes_a_folder_that_loads_without_revformer(tmp_path, b
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote-ok midpoint" in result.stdout
+    assert "remote-ok bdia" in result.stdout
 
 
 def test_unsupported_sources_get_one_clear_error(tmp_path):
@@ -233,9 +235,10 @@ def converted(tmp_path_factory, request):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     teacher.save_pretrained(work / "teacher")
     tokenizer.save_pretrained(work / "teacher")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(work / "teacher"), str(work / "rev")],
-                          cwd=work, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    for folder, coupling in (("rev", "midpoint"), ("rev_bdia", "bdia")):  # one that needs healing, the default
+        done = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(work / "teacher"),
+                               str(work / folder), "--coupling", coupling], cwd=work, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
     return work
 
 
@@ -263,6 +266,19 @@ def validation_loss(work, folder) -> float:
 def test_a_converted_model_heals_by_distillation_through_the_cli(converted):
     heal(converted, "healed", steps="16")
     before, after = validation_loss(converted, converted / "rev"), validation_loss(converted, converted / "healed/model")
+    assert after < before - 0.1, (before, after)
+
+
+@pytest.mark.slow
+def test_a_bdia_conversion_scores_as_its_source_and_fine_tunes_through_the_cli(converted):
+    from conftest import launch
+
+    teacher, before = validation_loss(converted, converted / "teacher"), validation_loss(converted, converted / "rev_bdia")
+    assert abs(before / teacher - 1) < 1e-5, (teacher, before)
+    launch("finetune.py", converted, "--config", "heal.yaml", "--train.init_from", str(converted / "rev_bdia"),
+           "--train.output_dir", str(converted / "bdia_tuned"), "--train.max_steps", "16", "--train.warmup_steps", "1",
+           "--train.learning_rate", "3e-3", "--model.chunk_size_feed_forward", "24", "--model.loss_chunk_size", "40")
+    after = validation_loss(converted, converted / "bdia_tuned/model")
     assert after < before - 0.1, (before, after)
 
 
@@ -317,16 +333,19 @@ def test_distillation_loss_equals_a_naive_full_logits_kl(loss_chunk_size, ce_wei
 
 @pytest.mark.slow  # about ten CLI processes (pretrain, convert, evaluate, heal, from scratch) and six memory workers
 def test_benchmark_conversion_tiny(tmp_path):
-    """scripts/benchmark_conversion.py --tiny through teacher, heal (one coupling), memory and report (the
-    fine-tuning stage runs the same train/evaluate commands on the held-out folders, and is left out for time)."""
+    """scripts/benchmark_conversion.py --tiny through teacher, heal (bdia: nothing to heal), gamma, scratch, memory and
+    report (the heal and fine-tuning stages run the same train/evaluate commands as scratch; left out for time)."""
     run_benchmark("benchmark_conversion.py", "--tiny", "--work", str(tmp_path), "--couplings", "bdia",
-                  "--stages", "teacher,heal,memory,report")
+                  "--stages", "teacher,heal,gamma,scratch,memory,report")
     results = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert set(results) == {"teacher", "teacher/eval", "convert/bdia", "heal/bdia", "scratch", "memory"}
+    assert set(results) == {"teacher", "teacher/eval", "convert/bdia", "heal/bdia", "gamma", "scratch", "memory"}
+    assert set(results["gamma"]) == {"0", "0.5", "0.25", "0.125", "0.0625"}
+    assert results["gamma"]["0.5"] != results["gamma"]["0"]  # training's network is not evaluation's
     assert results["teacher"]["final_loss"] > 0
     # A bdia conversion is its teacher until trained, scored by the same command.
     assert abs(results["convert/bdia"]["loss"] / results["teacher/eval"]["loss"] - 1) < 1e-5
-    assert results["heal/bdia"]["tokens"] == 3 * 4 * 64 and results["heal/bdia"]["curve"]  # steps x batch x block
+    assert results["heal/bdia"]["tokens"] == 0  # within 2% of the teacher as converted: nothing to heal
+    assert results["scratch"]["tokens"] == 3 * 4 * 64 and results["scratch"]["curve"]  # steps x batch x block
     memory = {(r["model"], r["layers"]): r for r in results["memory"]}
     assert set(memory) == {(m, n) for m in ("revformer (converted, bdia)", "teacher + checkpointing", "teacher")
                            for n in (2, 4)}

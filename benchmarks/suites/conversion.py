@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -143,9 +144,11 @@ CANDIDATES = {
     "midpoint": ["--coupling", "midpoint"],  # p[l+1] = p[l-1] + 2 f_l(p[l]), first step 1
     "sublayer": ["--coupling", "sublayer"],  # y1 = x1 + A(x2), y2 = x2 + M(y1), mean of the streams
     "midpoint_step1": ["--coupling", "midpoint", "--midpoint-step", "1"],  # p[l+1] = p[l-1] + f_l(p[l])
-    # p[l+1] = g p[l-1] + (1 - g) p[l] + (1 + g) f_l(p[l]), g = +-0.5 in training, 0 in evaluation (the source)
+    # p[l+1] = g p[l-1] + (1 - g) p[l] + (1 + g) f_l(p[l]), g = +-1/16 in training, 0 in evaluation (the source)
     "bdia": ["--coupling", "bdia"],
 }
+# bdia's gamma: the loss of the network training runs (gamma drawn) against the one evaluation runs (gamma = 0).
+GAMMAS = (0.5, 0.25, 0.125, 0.0625)
 # A conversion this close to the teacher needs no healing: the finetune stage then fine-tunes it as converted too.
 NO_HEALING_NEEDED = 0.02
 EVAL_LINE = re.compile(r"step (\d+): eval/loss ([0-9.]+)")
@@ -172,13 +175,15 @@ def unchunked_loss(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps({**config, "loss_chunk_size": 0}, indent=2))
 
 
-def evaluate_cli(model: Path, dataset: Path, log_file: Path) -> float:
-    """Validation loss (nats/token) of a model folder on `dataset`'s whole validation split, by scripts/evaluate.py."""
+def evaluate_cli(model: Path, dataset: Path, log_file: Path, extra: tuple[str, ...] = ()) -> float:
+    """Validation loss (nats/token) of a model folder on `dataset`'s whole validation split, by scripts/evaluate.py
+    (`extra`: more of its flags)."""
     # A run config naming the corpus: evaluate.py then scores the validation split exactly as training held it out
     # (--data.dataset on the command line would score all of the corpus).
     config = log_file.parent / f"data_{dataset.name}.yaml"
     config.write_text(json.dumps({"data": {"dataset": str(dataset), "block_size": S.block}}))  # JSON is YAML
-    run_cli(["scripts/evaluate.py", str(model), "--config", str(config), "--train.batch_size", str(S.batch)], log_file)
+    run_cli(["scripts/evaluate.py", str(model), "--config", str(config), "--train.batch_size", str(S.batch), *extra],
+            log_file)
     text = log_file.read_text(errors="replace")
     return json.loads(text[text.index("{"): text.rindex("}") + 1])["eval/loss"]
 
@@ -217,17 +222,51 @@ def stage_heal(work: Path, teacher: Path, names: list[str]) -> None:
             unchunked_loss(converted)
         if f"convert/{name}" not in results:
             save_result(f"convert/{name}", {"loss": evaluate_cli(converted, pretrain, work / "logs" / f"eval_{name}.log")})
+        loss = load_results()[f"convert/{name}"]["loss"]
+        if loss <= load_results()["teacher/eval"]["loss"] * (1 + NO_HEALING_NEEDED):
+            save_result(f"heal/{name}", {"curve": [], "final_loss": loss, "tokens": 0, "learning_rate": None,
+                                         "wall_s": 0})  # nothing to heal
+            log(f"heal/{name}: none needed ({loss:.4f} at conversion)")
+            continue
         save_result(f"heal/{name}", train_cli(
             "scripts/finetune.py", ["--config", "configs/heal.yaml", "--train.init_from", str(converted),
                                     "--train.distill_from", str(teacher)],
             pretrain, work / "heal" / name, S.heal_steps, 1e-3, 10, [], f"heal_{name}", work))
         log(f"heal/{name}: {load_results()[f'heal/{name}']['final_loss']:.4f}")
+
+
+def stage_gamma(work: Path, teacher: Path) -> None:
+    """bdia at each gamma of GAMMAS: the loss of the network training runs (`evaluate.py --train-mode`, gamma
+    drawn) on the 20-batch curve sample, against the converted model evaluated (gamma = 0) on the same sample."""
+    pretrain, _ = make_corpora(work)
+    sample = ("--train.eval_batches", "20")
+    results = load_results().get("gamma", {})
+    for gamma in GAMMAS:
+        folder = work / "converted" / f"bdia_g{gamma:g}"
+        if f"{gamma:g}" in results:
+            continue
+        if not (folder / "config.json").exists():
+            run_cli(["scripts/convert.py", str(teacher), str(folder), "--coupling", "bdia", "--bdia-gamma",
+                     str(gamma)], work / "logs" / f"convert_bdia_g{gamma:g}.log")
+            unchunked_loss(folder)
+        if "0" not in results:
+            results["0"] = evaluate_cli(folder, pretrain, work / "logs" / "eval_gamma_0.log", sample)
+        results[f"{gamma:g}"] = evaluate_cli(folder, pretrain, work / "logs" / f"eval_gamma_{gamma:g}.log",
+                                             (*sample, "--train-mode"))
+        save_result("gamma", results)
+        log(f"gamma {gamma:g}: {results[f'{gamma:g}']:.4f} in training (evaluation: {results['0']:.4f})")
+
+
+def stage_scratch(work: Path, names: list[str]) -> None:
+    """The converted shape trained from scratch (cross-entropy) on as many tokens as healing uses."""
+    pretrain, _ = make_corpora(work)
     if "scratch" not in load_results():
         config = json.loads((work / "converted" / names[0] / "config.json").read_text())
         shape = []
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings", "coupling", "stream_dtype"):
-            shape += [f"--model.{key}", str(config[key])]
+                    "num_key_value_heads", "max_position_embeddings", "coupling", "stream_dtype", "bdia_gamma"):
+            if key in config:
+                shape += [f"--model.{key}", str(config[key])]
         save_result("scratch", train_cli(
             "scripts/pretrain.py", ["--data.tokenizer", "byte"], pretrain, work / "scratch", S.heal_steps, 1.5e-3, 10,
             [*shape, "--model.loss_chunk_size", "0", "--train.weight_decay", "0.1"], "scratch", work))
@@ -238,11 +277,15 @@ def stage_finetune(work: Path, teacher: Path, healed_name: str, names: list[str]
     each converted model that is already within NO_HEALING_NEEDED of the teacher as it was converted."""
     _, finetune = make_corpora(work)
     results = load_results()
-    runs = [("teacher", teacher), (f"healed_{healed_name}", work / "heal" / healed_name / "model")]
+    runs = [("teacher", teacher)]
+    if results.get(f"heal/{healed_name}", {}).get("tokens"):
+        runs.append((f"healed_{healed_name}", work / "heal" / healed_name / "model"))
     for name in names:
         converted = results.get(f"convert/{name}", {}).get("loss")
         if converted is not None and converted <= results["teacher/eval"]["loss"] * (1 + NO_HEALING_NEEDED):
             runs.append((f"converted_{name}", work / "converted" / name))
+    if "gamma" in results and "bdia" in names:  # bdia at the gamma of training from scratch, for comparison
+        runs.append((f"converted_bdia_g{max(GAMMAS):g}", work / "converted" / f"bdia_g{max(GAMMAS):g}"))
     for name, init in runs:
         key = f"finetune/{name}"
         if key in load_results():
@@ -310,8 +353,8 @@ def stage_memory(work: Path, teacher: Path, healed_name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/benchmark_conversion", help="folder for models and logs")
-    parser.add_argument("--stages", default="teacher,heal,finetune,memory,report",
-                        help="comma-separated: teacher, heal, finetune, memory, report")
+    parser.add_argument("--stages", default="teacher,heal,gamma,finetune,scratch,memory,report",
+                        help="comma-separated: teacher, heal, gamma, finetune, scratch, memory, report")
     parser.add_argument("--couplings", default=",".join(CANDIDATES), help=f"of {list(CANDIDATES)}")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks the pipeline, measures nothing")
     args = parser.parse_args(argv)
@@ -328,9 +371,13 @@ def main(argv: list[str] | None = None) -> None:
     names = args.couplings.split(",")
     if "heal" in stages:
         stage_heal(work, teacher, names)
+    if "gamma" in stages and "bdia" in names:
+        stage_gamma(work, teacher)
     healed = best_healed(names)
     if "finetune" in stages:
         stage_finetune(work, teacher, healed, names)
+    if "scratch" in stages:
+        stage_scratch(work, names)
     if "memory" in stages:
         stage_memory(work, teacher, healed)
     if "report" in stages:
@@ -368,12 +415,24 @@ def report() -> None:
     for name in CANDIDATES:
         if f"heal/{name}" in r:
             h = r[f"heal/{name}"]
-            lines.append(f"| {name} | {r[f'convert/{name}']['loss']:.3f} | {h['final_loss']:.4f} | "
+            healed = f"{h['final_loss']:.4f}" if h["tokens"] else "none needed"
+            lines.append(f"| {name} | {r[f'convert/{name}']['loss']:.4f} | {healed} | "
                          f"{gap(h['final_loss'])} | {mtok(h['tokens'])} | {h['wall_s'] / 60:.0f} min |")
     if "scratch" in r:
         sc = r["scratch"]
         lines.append(f"| same shape from scratch (cross-entropy, lr {sc['learning_rate']:g}) | - | {sc['final_loss']:.4f} | "
                      f"{gap(sc['final_loss'])} | {mtok(sc['tokens'])} | {sc['wall_s'] / 60:.0f} min |")
+    if "gamma" in r:
+        g = r["gamma"]
+        lines += ["", "bdia's gamma: the loss of the network that training runs (each layer's gamma drawn, "
+                  "`evaluate.py --train-mode`) against the converted model as evaluated (gamma = 0, the teacher "
+                  f"itself: {g['0']:.4f}), on the 20-batch sample:", "",
+                  "| gamma | bits kept per element and layer | loss in training | vs gamma = 0 |", "|---|---|---|---|"]
+        for gamma in GAMMAS:
+            if f"{gamma:g}" in g:
+                loss = g[f"{gamma:g}"]
+                lines.append(f"| {gamma:g} | {round(-math.log2(gamma))} | {loss:.4f} | "
+                             f"{100 * (loss / g['0'] - 1):+.1f}% |")
     finetunes = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("finetune/")}
     if finetunes:
         lines += ["", f"Fine-tuning on the held-out folders ({', '.join(HELD_OUT_FOLDERS)}: text the teacher never "
