@@ -346,12 +346,12 @@ def test_benchmark_conversion_tiny(tmp_path):
     assert abs(results["convert/bdia"]["loss"] / results["teacher/eval"]["loss"] - 1) < 1e-5
     assert results["heal/bdia"]["tokens"] == 0  # within 2% of the teacher as converted: nothing to heal
     assert results["scratch"]["tokens"] == 3 * 4 * 64 and results["scratch"]["curve"]  # steps x batch x block
-    memory = {(r["model"], r["layers"]): r for r in results["memory"]}
-    assert set(memory) == {(m, n) for m in ("revformer (converted, bdia)", "teacher + checkpointing", "teacher")
+    memory = {(r["model"], r["layers"], r["vocab"]): r for r in results["memory"]}
+    assert set(memory) == {(m, n, 1024) for m in ("revformer (converted, bdia)", "teacher + checkpointing", "teacher")
                            for n in (2, 4)}
     assert all(r["peak_growth_bytes"] > 0 and r["torch"] for r in memory.values())
     readme = (tmp_path / "results" / "README.md").read_text()
-    assert "| bdia | " in readme and "| model | 2 layers | 4 layers |" in readme
+    assert "| bdia | " in readme and "| model | 2 layers | 4 layers |" in readme and "vocabulary of 1024" in readme
     assert "at 256 tokens" in readme and (tmp_path / "results" / "healing.png").stat().st_size > 0
 
 

@@ -58,6 +58,8 @@ class Sizes:
     finetune_steps: int = 60  # 0.5M tokens of the held-out folders
     memory_tokens: int = 4096
     memory_layers: tuple = (8, 16)
+    # Vocabularies of the memory figures: the teacher's own (bytes), and SmolLM2's, as a converted Hub model has.
+    memory_vocabs: tuple = (None, 49152)
     corpus_files: int | None = None  # every stdlib file
 
 
@@ -65,6 +67,7 @@ class Sizes:
 TINY = Sizes(teacher=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
              block=64, batch=4, teacher_steps=6, heal_steps=3, finetune_steps=3, memory_tokens=256, memory_layers=(2, 4),
+             memory_vocabs=(1024,),
              corpus_files=120)
 S = Sizes()
 
@@ -312,8 +315,9 @@ def memory_worker(payload: dict[str, Any]) -> None:
     # revformer at its shipped loss chunking (the benchmark trains with full logits); one kernel for any depth
     shipped = {"loss_chunk_size": 256, "attention_layers": "full"} if "revformer" in spec["model"] else {}
     saved = AutoConfig.from_pretrained(spec["folder"])  # rebuilt, so that per-layer fields follow the new depth
+    vocab = {"vocab_size": spec["vocab"]} if spec.get("vocab") else {}
     config = type(saved)(**{**saved.to_dict(), "max_position_embeddings": tokens,
-                            "num_hidden_layers": spec["layers"], **shipped})
+                            "num_hidden_layers": spec["layers"], **shipped, **vocab})
     model = AutoModelForCausalLM.from_config(config).train()
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable()
@@ -337,17 +341,21 @@ def stage_memory(work: Path, teacher: Path, healed_name: str) -> None:
     for label, folder, checkpointing in ((f"revformer (converted, {healed_name})", converted, False),
                                          ("teacher + checkpointing", teacher, True),
                                          ("teacher", teacher, False)):
-        for layers in S.memory_layers:
-            if any(row["model"] == label and row["layers"] == layers for row in rows):
-                continue
-            spec = {"model": label, "folder": str(folder), "layers": layers, "checkpointing": checkpointing}
-            done = run_worker({"mode": "conversion_memory", "spec": spec, "tokens": S.memory_tokens},
-                              env={**os.environ, **MALLOC_ENV})
-            if not done.records:
-                raise SystemExit(f"memory worker failed: {done.stderr[-2000:]}")
-            rows.append(done.records[0])
-            log(f"memory {label} {layers} layers: {rows[-1]['activation_bytes'] / 2**20:.0f} MiB")
-    save_result("memory", rows)
+        for vocab in S.memory_vocabs:
+            for layers in S.memory_layers:
+                if any(row["model"] == label and row["layers"] == layers and row.get("vocab") == vocab
+                       for row in rows):
+                    continue
+                spec = {"model": label, "folder": str(folder), "layers": layers, "checkpointing": checkpointing,
+                        "vocab": vocab}
+                done = run_worker({"mode": "conversion_memory", "spec": spec, "tokens": S.memory_tokens},
+                                  env={**os.environ, **MALLOC_ENV})
+                if not done.records:
+                    raise SystemExit(f"memory worker failed: {done.stderr[-2000:]}")
+                rows.append(done.records[0])
+                log(f"memory {label} {layers} layers, vocabulary {vocab or 'own'}: "
+                    f"{rows[-1]['activation_bytes'] / 2**20:.0f} MiB")
+                save_result("memory", rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -441,16 +449,21 @@ def report() -> None:
         for name, f in finetunes.items():
             lines.append(f"| {name} | {f['before']:.4f} | {f['final_loss']:.4f} | {mtok(f['tokens'])} |")
     if "memory" in r:
-        lines += ["", f"Activation memory of one forward+backward at {S.memory_tokens} tokens, batch 1 (peak RSS growth "
-                  "minus gradients, fresh process per figure, random weights of each shape):", "",
-                  "| model | " + " | ".join(f"{n} layers" for n in S.memory_layers) + " |",
-                  "|---" * (len(S.memory_layers) + 1) + "|"]
-        by = {}
-        for row in r["memory"]:
-            by.setdefault(row["model"], {})[row["layers"]] = row["activation_bytes"] / 2**20
-        for model, cells in by.items():
-            lines.append(f"| {model} | " + " | ".join(f"{cells.get(n, float('nan')):.0f} MiB" for n in S.memory_layers)
-                         + " |")
+        for vocab in S.memory_vocabs:
+            rows = [row for row in r["memory"] if row.get("vocab") == vocab]
+            if not rows:
+                continue
+            which = f"a vocabulary of {vocab}" if vocab else "the teacher's vocabulary"
+            lines += ["", f"Activation memory of one forward+backward at {S.memory_tokens} tokens, batch 1, {which} "
+                      "(peak RSS growth minus gradients, fresh process per figure, random weights of each shape):", "",
+                      "| model | " + " | ".join(f"{n} layers" for n in S.memory_layers) + " |",
+                      "|---" * (len(S.memory_layers) + 1) + "|"]
+            by = {}
+            for row in rows:
+                by.setdefault(row["model"], {})[row["layers"]] = row["activation_bytes"] / 2**20
+            for model, cells in by.items():
+                lines.append(f"| {model} | " + " | ".join(f"{cells.get(n, float('nan')):.0f} MiB"
+                                                         for n in S.memory_layers) + " |")
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
     plot(r)
     print("\n".join(lines))
