@@ -42,8 +42,8 @@ class RevformerConfig(PreTrainedConfig):
             is one whole pre-norm Transformer block `f(p) = A(p) + M(p + A(p))`, and layers alternate between the
             streams, `p[l+1] = p[l-1] + c_l * f_l(p[l])` from `p[-1] = p[0] = embedding`, with `c_0 = 1` (the first
             layer's output equals a standard block's) and `c_l = midpoint_step` after it; the newest stream is the
-            output. What `convert.py` produces: it reuses a pretrained block's function whole.
-            `bdia`: the layers are whole blocks as with `midpoint`, joined by
+            output; it reuses a pretrained block's function whole.
+            `bdia` (what `convert.py` produces): the layers are whole blocks as with `midpoint`, joined by
             `p[l+1] = gamma p[l-1] + (1 - gamma) p[l] + (1 + gamma) f_l(p[l])` (BDIA, arXiv 2407.09093) with
             gamma = +-`bdia_gamma` drawn per sequence and layer in training and gamma = 0 otherwise, so that
             evaluation, generation and the KV cache compute a standard pre-norm Transformer exactly (a converted
@@ -51,7 +51,8 @@ class RevformerConfig(PreTrainedConfig):
             `stream_dtype="fixed_point"`, where it is exact at the price of log2(1/bdia_gamma) bits per stream
             element per layer, kept packed beside the top streams.
         bdia_gamma (`float`, defaults to 0.5): the magnitude of the `bdia` coupling's gamma, a power of two 2^-m
-            (m in 1..8).
+            (m in 1..8). 0.5 is the BDIA paper's value for training from scratch; `convert.py` uses 1/16, with which
+            training runs a network close to the pretrained one (docs/conversion.md).
         midpoint_step (`float`, defaults to 2.0): `c_l` of the midpoint coupling for l >= 1 (2 is the midpoint
             rule, which follows a standard residual stack where consecutive blocks' updates are alike).
         num_key_value_heads (`int`, *optional*): key/value heads for grouped-query attention (each serves

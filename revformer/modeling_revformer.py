@@ -7,7 +7,8 @@ block updates them by `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)` (F attention, G feed-
 inverts in backward, and after the last block the streams are merged by their mean, `h = (y1 + y2) / 2`. With the
 `midpoint` coupling every layer is a whole pre-norm Transformer block `f_l(p) = A(p) + M(p + A(p))` and the layers
 alternate between the streams, `p[l+1] = p[l-1] + c_l f_l(p[l])`: the engine sees pairs of layers as its F and G,
-and the newest stream is the output. Either way `h` is normalized and projected to the vocabulary; it stays at
+and the newest stream is the output. The `bdia` coupling pairs whole blocks the same way, joined by
+`p[l+1] = gamma p[l-1] + (1 - gamma) p[l] + (1 + gamma) f_l(p[l])` with gamma drawn in training and 0 otherwise. Either way `h` is normalized and projected to the vocabulary; it stays at
 `hidden_size`, so the LM head can share the embedding matrix.
 
 This file, `configuration_revformer.py`, `reversible.py` and `attention.py` go to the Hub with the weights: they
