@@ -40,7 +40,7 @@ from typing import Any
 from . import RESULTS
 from .corpus import DATA_SOURCES
 from .env import device_tag
-from .models import MODELS
+from .models import DEFAULT_MODELS, MODELS
 from .report import append_jsonl, read_records
 from .runner import Runner
 from .suites import core, cost, depth, length, longseq, memory, quality
@@ -128,7 +128,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast (fp32 master weights)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads in every worker (1: robust when other jobs share the cores)")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated models for depth/length suites")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"comma-separated models for depth/length suites, of {', '.join(MODELS)}")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--memory-budget-gib", type=float, default=None, help="length suite budget (CPU default 0.125)")
     p.add_argument("--data", default="auto", choices=DATA_SOURCES, help="quality suite data (revformer.data)")

@@ -88,10 +88,11 @@ def evaluate_bpb(model: Any, corpus: Corpus, spec: Spec, blocks: int | None = No
 
 
 def reconstruction_error(model: Any, corpus: Corpus, spec: Spec) -> float | None:
-    """max |x - x'| of the trained reversible model on 8 validation blocks (None for other models)."""
-    if spec.model != "revformer":
+    """max |x - x'| of the trained reversible model on 8 validation blocks (None for other models; bdia in
+    training mode, the only one in which it is invertible)."""
+    if spec.model not in ("revformer", "revformer_bdia"):
         return None
-    model.eval()
+    model.train(spec.model == "revformer_bdia")
     with autocast(spec.device, spec.dtype):
         error = model.model.reconstruction_error(corpus.val[:8].to(spec.device))
     model.train()

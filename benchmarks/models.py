@@ -3,6 +3,7 @@ training step of them.
 
 - ``revformer``: RevformerForCausalLM, reversible engine;
 - ``revformer_plain``: the same model with ``reversible=False`` (ordinary autograd);
+- ``revformer_bdia``: revformer with the ``bdia`` coupling (gamma 1/16, fixed-point streams), reversible;
 - ``llama`` / ``llama_ckpt``: Hugging Face LlamaForCausalLM (sdpa), without / with activation checkpointing;
 - ``reformer``: Hugging Face ReformerModelWithLMHead (causal; local attention, or LSH with ``attention="lsh"``).
 """
@@ -13,16 +14,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-MODELS = ("revformer", "revformer_plain", "llama", "llama_ckpt", "reformer")
+MODELS = ("revformer", "revformer_plain", "revformer_bdia", "llama", "llama_ckpt", "reformer")
+DEFAULT_MODELS = tuple(m for m in MODELS if m != "revformer_bdia")  # what the depth/length suites run unless told
 LABELS = {
     "revformer": "revformer (reversible)",
     "revformer_plain": "revformer (reversible=False)",
+    "revformer_bdia": "revformer, bdia coupling (gamma 1/16)",
     "llama": "Llama",
     "llama_ckpt": "Llama + checkpointing",
     "reformer": "HF Reformer (local)",
 }
 # Plot style per model (colour, marker, line): overlapping curves stay visible.
-STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "llama": ("C2", "^", "-"),
+STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "revformer_bdia": ("C5", "P", "-."),
+          "llama": ("C2", "^", "-"),
           "llama_ckpt": ("C3", "v", "--"), "reformer": ("C4", "D", ":")}
 
 
@@ -77,8 +81,11 @@ def build_model(spec: Spec) -> Any:
 
         chunks = {"chunk_size_feed_forward": spec.chunk if spec.ff_chunk is None else spec.ff_chunk,
                   "loss_chunk_size": spec.chunk if spec.loss_chunk is None else spec.loss_chunk}
+        # revformer_bdia: the coupling convert.py produces (a Llama block stack out of training), from scratch
+        bdia = {"coupling": "bdia", "stream_dtype": "fixed_point", "bdia_gamma": 2.0**-4}
         config = RevformerConfig(
-            **common, intermediate_size=spec.intermediate_size, reversible=spec.model == "revformer",
+            **common, intermediate_size=spec.intermediate_size, reversible=spec.model != "revformer_plain",
+            **(bdia if spec.model == "revformer_bdia" else {}),
             attention_layers=spec.attention, local_chunk_length=spec.attn_chunk, lsh_chunk_length=spec.attn_chunk,
             lsh_num_buckets=buckets, lsh_num_hashes=2, **{k: v for k, v in chunks.items() if v is not None},
         )  # fmt: skip

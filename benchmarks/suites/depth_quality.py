@@ -56,12 +56,15 @@ class Sizes:
     ablation_depth: int = 24
     ablation_lrs: list[float] = field(default_factory=lambda: [1e-3, 2e-3])
     ablation_steps: int = 500
+    # The bdia coupling from scratch (`bdia` command): at these depths, at Llama's swept rate, on the same schedule,
+    # stopped after `ablation_steps` like the ablations.
+    bdia_depths: list[int] = field(default_factory=lambda: [12])
 
 
 # --tiny: every phase at one depth, 7 short runs (the test's run); nothing it measures means anything.
 TINY = Sizes(hidden_size=32, num_heads=2, seq_len=64, batch_size=2, depths=[1], lrs=[3e-3, 1e-2], sweep_steps=3,
              steps=4, eval_every=2, curve_blocks=4, sweep_val_blocks=8, val_blocks=16, plain_depth=1,
-             ablation_depth=1, ablation_lrs=[1e-3], ablation_steps=2)
+             ablation_depth=1, ablation_lrs=[1e-3], ablation_steps=2, bdia_depths=[1])
 
 
 def spec(sizes: Sizes, model: str, layers: int) -> Spec:
@@ -183,7 +186,22 @@ def render(out: Path) -> str:
                 lines.append(f"| {m} main run | lr {r['lr']:g} (swept) | {at(r)} |")
         for (m, _, lr), r in sorted(ablations.items()):
             lines.append(f"| {m} ablation | lr {lr:g} | {at(r)} |")
-    walls = [r["worker_wall_s"] for r in [*sweep.values(), *main.values(), *ablations.values()]]
+    bdia = done(out, "bdia")
+    for (m, d, lr), r in sorted(bdia.items()):
+        stop = r["stopped_at"]
+
+        def at_stop(record: dict[str, Any] | None) -> str:
+            return next((f"{bpb:.4f}" for step, bpb in record["val_bpb_curve"] if step == stop), "") if record else ""
+
+        llama, rev = main.get(("llama", d, lrs.get(("llama", d)))), main.get(("revformer", d, lrs.get(("revformer", d))))
+        recon = r.get("reconstruction_error")
+        lines += ["", f"The bdia coupling from scratch at {d} layers ({LABELS[m]}, fixed-point streams; a Llama "
+                      f"block stack out of training), at Llama's rate {lr:g}, same schedule, stopped after {stop} "
+                      f"steps; reconstruction error {recon if recon is not None else '-'}:", "",
+                  f"| run | bpb at step {stop} |", "|---|---|",
+                  f"| Llama main run | {at_stop(llama)} |", f"| revformer main run (sublayer) | {at_stop(rev)} |",
+                  f"| revformer, bdia | {at_stop(r)} |"]
+    walls = [r["worker_wall_s"] for r in [*sweep.values(), *main.values(), *ablations.values(), *bdia.values()]]
     lines += ["", f"Runs recorded: {len(sweep)} sweep + {len(main)} main, {sum(walls) / 3600:.2f} h of process time "
                   f"in all (the script runs `--jobs` of them at once).", "", "![curves](depth_quality.png)", ""]
     return "\n".join(lines)
@@ -224,10 +242,18 @@ def ablate(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
     run_phase(runner, out, "ablation", jobs, sizes.steps, sizes.val_blocks, sizes, workers, sizes.ablation_steps)
 
 
+def bdia_phase(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
+    """revformer with the bdia coupling at `bdia_depths`, at Llama's swept rate there, stopped like the ablations."""
+    lrs = best_lrs(out)
+    jobs = [(spec(sizes, "revformer_bdia", d), lrs[("llama", d)]) for d in sizes.bdia_depths]
+    run_phase(runner, out, "bdia", jobs, sizes.steps, sizes.val_blocks, sizes, workers, sizes.ablation_steps)
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", nargs="?", default="run", choices=("run", "ablate", "report"),
-                   help="run: the sweep and the main runs; ablate: the ablations of the deepest revformer")
+    p.add_argument("command", nargs="?", default="run", choices=("run", "ablate", "bdia", "report"),
+                   help="run: the sweep and the main runs; ablate: the ablations of the deepest revformer; bdia: the "
+                        "bdia coupling from scratch")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (the test's smoke run)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -240,8 +266,8 @@ def main(argv: list[str]) -> None:
         return
     runner = Runner(args.out, args.worker_timeout)
     start = time.perf_counter()
-    if args.command == "ablate":
-        ablate(runner, args.out, sizes, args.jobs)
+    if args.command in ("ablate", "bdia"):
+        (ablate if args.command == "ablate" else bdia_phase)(runner, args.out, sizes, args.jobs)
         print(report(args.out))
         return
     sweep_jobs = [(spec(sizes, m, d), lr) for d in sizes.depths for m in ARCHS for lr in sizes.lrs]
