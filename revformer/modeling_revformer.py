@@ -8,8 +8,9 @@ inverts in backward, and after the last block the streams are merged by their me
 `midpoint` coupling every layer is a whole pre-norm Transformer block `f_l(p) = A(p) + M(p + A(p))` and the layers
 alternate between the streams, `p[l+1] = p[l-1] + c_l f_l(p[l])`: the engine sees pairs of layers as its F and G,
 and the newest stream is the output. The `bdia` coupling pairs whole blocks the same way, joined by
-`p[l+1] = gamma p[l-1] + (1 - gamma) p[l] + (1 + gamma) f_l(p[l])` with gamma drawn in training and 0 otherwise. Either way `h` is normalized and projected to the vocabulary; it stays at
-`hidden_size`, so the LM head can share the embedding matrix.
+`p[l+1] = gamma p[l-1] + (1 - gamma) p[l] + (1 + gamma) f_l(p[l])` with gamma drawn in training and 0 otherwise.
+Either way `h` is normalized and projected to the vocabulary; it stays at `hidden_size`, so the LM head can share
+the embedding matrix.
 
 This file, `configuration_revformer.py`, `reversible.py` and `attention.py` go to the Hub with the weights: they
 import each other only relatively and need nothing beyond torch and transformers.
@@ -801,8 +802,8 @@ class RevformerModel(RevformerPreTrainedModel):
             read, join = self.coupling.read, self.coupling.join
             for layer, unit in enumerate(self.reversible_units()):
                 args = (cos, sin, key_padding_mask, document_ids, cache, attentions)
-                x1 = join(x1, *split_output(unit.f(read(x2), *args)))[0]
-                x2 = join(x2, *split_output(unit.g(read(x1), *args)))[0]
+                x1 = join(x1, *split_output(unit.f(read(x2), *args)), invertible=False)[0]
+                x2 = join(x2, *split_output(unit.g(read(x1), *args)), invertible=False)[0]
                 if output_hidden_states:  # the newest stream after each layer
                     hidden_states.append(decode(x1))
                     if 2 * layer + 1 < len(self.layers):

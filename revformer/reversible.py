@@ -104,9 +104,11 @@ class StreamCoupling:
     def subtract(self, stream: Tensor, out: Tensor) -> Tensor:
         return stream - out.to(stream.dtype)
 
-    def join(self, stream: Tensor, out: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Any]:
+    def join(self, stream: Tensor, out: Tensor, keep: Tensor | None = None, invertible: bool = True
+             ) -> tuple[Tensor, Any]:
         """`y = keep * stream + out` (`keep=None`: `stream + out`), and what `unjoin` needs beyond y, out and keep
-        to rebuild `stream` (nothing here: with float streams the division in `unjoin` is merely rounded)."""
+        to rebuild `stream` (nothing here: with float streams the division in `unjoin` is merely rounded).
+        `invertible=False`: nothing will be rebuilt (the plain path), so nothing is kept for it."""
         if keep is None:
             return self.add(stream, out), None
         return self.add(keep * stream, out), None
@@ -201,12 +203,13 @@ class FixedPointCoupling(StreamCoupling):
     def _residue_steps(self, stream: Tensor) -> Tensor:
         return torch.remainder(stream.detach() * self.scale, 2.0**self.keep_bits)
 
-    def join(self, stream: Tensor, out: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Any]:
+    def join(self, stream: Tensor, out: Tensor, keep: Tensor | None = None, invertible: bool = True
+             ) -> tuple[Tensor, Any]:
         if keep is None:
             return self.add(stream, out), None
         residue = self._residue_steps(stream)
         kept = keep.to(stream.dtype) * (stream - residue * self.step)  # exact; gradient keep (straight-through)
-        return self.add(kept, out), pack_residue(residue, self.keep_bits)
+        return self.add(kept, out), pack_residue(residue, self.keep_bits) if invertible else None
 
     def unjoin(self, y: Tensor, out: Tensor, keep: Tensor | None = None, residue: Any = None) -> Tensor:
         if keep is None:

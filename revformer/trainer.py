@@ -713,8 +713,9 @@ def train_step(s: Session) -> tuple[torch.Tensor, float]:
             if s.teacher is not None:
                 with accelerator.autocast():
                     distill = teacher_targets(s.teacher, batch["input_ids"], position_ids, run.train.distill_ce_weight)
+            # use_cache=False: with a cache, models other than revformer ignore the documents position_ids mark
             loss = s.model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=position_ids,
-                           use_cache=False, **distill).loss  # with a cache, models other than revformer ignore documents
+                           use_cache=False, **distill).loss
             if not math.isfinite(accelerator.reduce(loss.detach(), "sum").item()):
                 raise NonFiniteError(f"loss {loss.item()}", s.step + 1)
             accelerator.backward(loss)

@@ -94,8 +94,8 @@ def test_converted_forward_equals_its_coupling_written_with_the_source_modules(f
 
 @pytest.mark.parametrize("family", ["llama-gqa-llama3-tied", "qwen3-qk-norm-head-dim"])
 def test_bdia_in_training_equals_its_coupling_with_the_same_gamma_draws(family):
-    """In training each layer after the first draws gamma = +-bdia_gamma per sequence; the reversible forward equals the
-    naive coupling under those draws (and the gradients equal plain autograd: tests/test_reversible.py)."""
+    """In training each layer after the first draws gamma = +-bdia_gamma per sequence; the reversible forward equals
+    the naive coupling under those draws (and the gradients equal plain autograd: tests/test_reversible.py)."""
     source = source_model(family)
     source.config._attn_implementation = "sdpa"
     model = convert_model(source, coupling="bdia").train()
@@ -273,7 +273,8 @@ def test_a_converted_model_heals_by_distillation_through_the_cli(converted):
 def test_a_bdia_conversion_scores_as_its_source_and_fine_tunes_through_the_cli(converted):
     from conftest import launch
 
-    teacher, before = validation_loss(converted, converted / "teacher"), validation_loss(converted, converted / "rev_bdia")
+    teacher = validation_loss(converted, converted / "teacher")
+    before = validation_loss(converted, converted / "rev_bdia")
     assert abs(before / teacher - 1) < 1e-5, (teacher, before)
     launch("finetune.py", converted, "--config", "heal.yaml", "--train.init_from", str(converted / "rev_bdia"),
            "--train.output_dir", str(converted / "bdia_tuned"), "--train.max_steps", "16", "--train.warmup_steps", "1",

@@ -193,7 +193,8 @@ def render(out: Path) -> str:
         def at_stop(record: dict[str, Any] | None) -> str:
             return next((f"{bpb:.4f}" for step, bpb in record["val_bpb_curve"] if step == stop), "") if record else ""
 
-        llama, rev = main.get(("llama", d, lrs.get(("llama", d)))), main.get(("revformer", d, lrs.get(("revformer", d))))
+        llama = main.get(("llama", d, lrs.get(("llama", d))))
+        rev = main.get(("revformer", d, lrs.get(("revformer", d))))
         recon = r.get("reconstruction_error")
         lines += ["", f"The bdia coupling from scratch at {d} layers ({LABELS[m]}, fixed-point streams; a Llama "
                       f"block stack out of training), at Llama's rate {lr:g}, same schedule, stopped after {stop} "
