@@ -134,6 +134,6 @@ def test_depth_quality_tiny(tmp_path: Path) -> None:
     assert "| revformer ablation | lr 0.001 |" in (tmp_path / "README.md").read_text()
     run_benchmark("benchmark_depth_quality.py", "bdia", "--tiny", "--out", str(tmp_path))
     (bdia,) = read_jsonl(tmp_path / "bdia.jsonl")
-    assert bdia["ok"] and bdia["stopped_at"] == 2 and bdia["lr"] == main["llama"]["lr"]  # at Llama's swept rate
+    assert bdia["ok"] and bdia["steps"] == 4 and bdia["lr"] == main["llama"]["lr"]  # Llama's schedule and rate
     assert bdia["reconstruction_error"] == 0.0  # fixed-point streams: exact
-    assert "| revformer, bdia | " in (tmp_path / "README.md").read_text()
+    assert "| revformer, bdia bpb | bdia vs Llama |" in (tmp_path / "README.md").read_text()

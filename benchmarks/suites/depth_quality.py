@@ -56,9 +56,9 @@ class Sizes:
     ablation_depth: int = 24
     ablation_lrs: list[float] = field(default_factory=lambda: [1e-3, 2e-3])
     ablation_steps: int = 500
-    # The bdia coupling from scratch (`bdia` command): at these depths, at Llama's swept rate, on the same schedule,
-    # stopped after `ablation_steps` like the ablations.
-    bdia_depths: list[int] = field(default_factory=lambda: [12])
+    # The bdia coupling from scratch (`bdia` command): main runs at these depths, at Llama's swept rate (out of
+    # training bdia is a Llama block stack).
+    bdia_depths: list[int] = field(default_factory=lambda: [4, 12, 24])
 
 
 # --tiny: every phase at one depth, 7 short runs (the test's run); nothing it measures means anything.
@@ -187,21 +187,18 @@ def render(out: Path) -> str:
         for (m, _, lr), r in sorted(ablations.items()):
             lines.append(f"| {m} ablation | lr {lr:g} | {at(r)} |")
     bdia = done(out, "bdia")
-    for (m, d, lr), r in sorted(bdia.items()):
-        stop = r["stopped_at"]
-
-        def at_stop(record: dict[str, Any] | None) -> str:
-            return next((f"{bpb:.4f}" for step, bpb in record["val_bpb_curve"] if step == stop), "") if record else ""
-
+    if bdia:
+        lines += ["", f"The bdia coupling from scratch ({LABELS['revformer_bdia']}, fixed-point streams; a Llama block "
+                      "stack out of training): main runs at Llama's swept rate, the same schedule and tokens:", "",
+                  "| layers | Llama bpb | revformer (sublayer) bpb | revformer, bdia bpb | bdia vs Llama | "
+                  "reconstruction error | run time |", "|---|---|---|---|---|---|---|"]
+    for (m, d, lr), r in sorted(bdia.items(), key=lambda kv: kv[0][1]):
         llama = main.get(("llama", d, lrs.get(("llama", d))))
         rev = main.get(("revformer", d, lrs.get(("revformer", d))))
         recon = r.get("reconstruction_error")
-        lines += ["", f"The bdia coupling from scratch at {d} layers ({LABELS[m]}, fixed-point streams; a Llama "
-                      f"block stack out of training), at Llama's rate {lr:g}, same schedule, stopped after {stop} "
-                      f"steps; reconstruction error {recon if recon is not None else '-'}:", "",
-                  f"| run | bpb at step {stop} |", "|---|---|",
-                  f"| Llama main run | {at_stop(llama)} |", f"| revformer main run (sublayer) | {at_stop(rev)} |",
-                  f"| revformer, bdia | {at_stop(r)} |"]
+        lines.append(f"| {d} | {llama['val_bpb']:.4f} | {rev['val_bpb']:.4f} | {r['val_bpb']:.4f} (lr {lr:g}) | "
+                     f"{pct(r['val_bpb'], llama['val_bpb'])} | {recon if recon is not None else '-'} | "
+                     f"{r['train_s'] / 60:.0f} min |" if llama and rev else f"| {d} | | | {r['val_bpb']:.4f} | | | |")
     walls = [r["worker_wall_s"] for r in [*sweep.values(), *main.values(), *ablations.values(), *bdia.values()]]
     lines += ["", f"Runs recorded: {len(sweep)} sweep + {len(main)} main, {sum(walls) / 3600:.2f} h of process time "
                   f"in all (the script runs `--jobs` of them at once).", "", "![curves](depth_quality.png)", ""]
@@ -209,7 +206,7 @@ def render(out: Path) -> str:
 
 
 def plot(out: Path) -> None:
-    main = done(out, "main")
+    main = {**done(out, "main"), **done(out, "bdia")}  # the bdia runs share the main runs' schedule
     depths = sorted({layers for _, layers, _ in main})
     if not depths:
         return
@@ -244,10 +241,10 @@ def ablate(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
 
 
 def bdia_phase(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
-    """revformer with the bdia coupling at `bdia_depths`, at Llama's swept rate there, stopped like the ablations."""
+    """revformer with the bdia coupling at `bdia_depths`, at Llama's swept rate there, on the main runs' schedule."""
     lrs = best_lrs(out)
     jobs = [(spec(sizes, "revformer_bdia", d), lrs[("llama", d)]) for d in sizes.bdia_depths]
-    run_phase(runner, out, "bdia", jobs, sizes.steps, sizes.val_blocks, sizes, workers, sizes.ablation_steps)
+    run_phase(runner, out, "bdia", jobs, sizes.steps, sizes.val_blocks, sizes, workers)
 
 
 def main(argv: list[str]) -> None:
