@@ -444,7 +444,7 @@ def report() -> None:
     finetunes = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("finetune/")}
     if finetunes:
         lines += ["", f"Fine-tuning on the held-out folders ({', '.join(HELD_OUT_FOLDERS)}: text the teacher never "
-                  "saw), the same command for both; validation loss on their own validation split:", "",
+                  "saw), the same command for every model; validation loss on their own validation split:", "",
                   "| model | before | after fine-tuning | tokens |", "|---|---|---|---|"]
         for name, f in finetunes.items():
             lines.append(f"| {name} | {f['before']:.4f} | {f['final_loss']:.4f} | {mtok(f['tokens'])} |")
