@@ -340,7 +340,7 @@ def test_benchmark_conversion_tiny(tmp_path):
                   "--stages", "teacher,heal,gamma,scratch,memory,report")
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     assert set(results) == {"teacher", "teacher/eval", "convert/bdia", "heal/bdia", "gamma", "scratch", "memory"}
-    assert set(results["gamma"]) == {"0", "0.5", "0.25", "0.125", "0.0625"}
+    assert set(results["gamma"]) == {"0", "0.5"}  # --tiny scores one gamma (the full run: 1/2 to 1/16)
     assert results["gamma"]["0.5"] != results["gamma"]["0"]  # training's network is not evaluation's
     assert results["teacher"]["final_loss"] > 0
     # A bdia conversion is its teacher until trained, scored by the same command.

@@ -43,6 +43,10 @@ RESULTS = ALL_RESULTS / "conversion"
 HELD_OUT_FOLDERS = ("idlelib", "tkinter")
 
 
+# bdia's gamma: the loss of the network training runs (gamma drawn) against the one evaluation runs (gamma = 0).
+GAMMAS = (0.5, 0.25, 0.125, 0.0625)
+
+
 @dataclass(frozen=True)
 class Sizes:
     """What the benchmark trains: the teacher's shape, blocks, batch and the steps of every stage."""
@@ -60,6 +64,7 @@ class Sizes:
     memory_layers: tuple = (8, 16)
     # Vocabularies of the memory figures: the teacher's own (bytes), and SmolLM2's, as a converted Hub model has.
     memory_vocabs: tuple = (None, 49152)
+    gammas: tuple = GAMMAS  # of the gamma stage
     corpus_files: int | None = None  # every stdlib file
 
 
@@ -67,7 +72,7 @@ class Sizes:
 TINY = Sizes(teacher=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
              block=64, batch=4, teacher_steps=6, heal_steps=3, finetune_steps=3, memory_tokens=256, memory_layers=(2, 4),
-             memory_vocabs=(1024,),
+             memory_vocabs=(1024,), gammas=(0.5,),
              corpus_files=120)
 S = Sizes()
 
@@ -150,8 +155,6 @@ CANDIDATES = {
     # p[l+1] = g p[l-1] + (1 - g) p[l] + (1 + g) f_l(p[l]), g = +-1/16 in training, 0 in evaluation (the source)
     "bdia": ["--coupling", "bdia"],
 }
-# bdia's gamma: the loss of the network training runs (gamma drawn) against the one evaluation runs (gamma = 0).
-GAMMAS = (0.5, 0.25, 0.125, 0.0625)
 # A conversion this close to the teacher needs no healing: the finetune stage then fine-tunes it as converted too.
 NO_HEALING_NEEDED = 0.02
 EVAL_LINE = re.compile(r"step (\d+): eval/loss ([0-9.]+)")
@@ -239,12 +242,12 @@ def stage_heal(work: Path, teacher: Path, names: list[str]) -> None:
 
 
 def stage_gamma(work: Path, teacher: Path) -> None:
-    """bdia at each gamma of GAMMAS: the loss of the network training runs (`evaluate.py --train-mode`, gamma
+    """bdia at each gamma of S.gammas: the loss of the network training runs (`evaluate.py --train-mode`, gamma
     drawn) on the 20-batch curve sample, against the converted model evaluated (gamma = 0) on the same sample."""
     pretrain, _ = make_corpora(work)
     sample = ("--train.eval_batches", "20")
     results = load_results().get("gamma", {})
-    for gamma in GAMMAS:
+    for gamma in S.gammas:
         folder = work / "converted" / f"bdia_g{gamma:g}"
         if f"{gamma:g}" in results:
             continue
@@ -288,7 +291,7 @@ def stage_finetune(work: Path, teacher: Path, healed_name: str, names: list[str]
         if converted is not None and converted <= results["teacher/eval"]["loss"] * (1 + NO_HEALING_NEEDED):
             runs.append((f"converted_{name}", work / "converted" / name))
     if "gamma" in results and "bdia" in names:  # bdia at the gamma of training from scratch, for comparison
-        runs.append((f"converted_bdia_g{max(GAMMAS):g}", work / "converted" / f"bdia_g{max(GAMMAS):g}"))
+        runs.append((f"converted_bdia_g{max(S.gammas):g}", work / "converted" / f"bdia_g{max(S.gammas):g}"))
     for name, init in runs:
         key = f"finetune/{name}"
         if key in load_results():
@@ -436,7 +439,7 @@ def report() -> None:
                   "`evaluate.py --train-mode`) against the converted model as evaluated (gamma = 0, the teacher "
                   f"itself: {g['0']:.4f}), on the 20-batch sample:", "",
                   "| gamma | bits kept per element and layer | loss in training | vs gamma = 0 |", "|---|---|---|---|"]
-        for gamma in GAMMAS:
+        for gamma in S.gammas:
             if f"{gamma:g}" in g:
                 loss = g[f"{gamma:g}"]
                 lines.append(f"| {gamma:g} | {round(-math.log2(gamma))} | {loss:.4f} | "
