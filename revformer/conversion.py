@@ -25,8 +25,8 @@ import torch
 from .configuration_revformer import COUPLINGS, RevformerConfig
 from .modeling_revformer import RevformerForCausalLM
 
-# gamma of a converted bdia model: training then runs a network within 0.2% of the source's loss (1/2, the value
-# of training from scratch, is 55% off it; docs/conversion.md), for 4 bits per stream element and layer.
+# gamma of a converted bdia model: training then runs a network 0.5% off the source's loss (1/2, the value for
+# training from scratch, is 67% off; docs/conversion.md), for 4 bits kept per stream element and layer.
 BDIA_GAMMA = 2.0**-4
 
 SUPPORTED = {
@@ -199,7 +199,9 @@ def model_card(source_name: str, config: RevformerConfig) -> str:
         f"# {source_name}, converted to a reversible revformer model",
         "",
         f"The weights of `{source_name}` unchanged, in a reversible stack ({config.num_hidden_layers} layers, "
-        f"`{config.coupling}` coupling): activation memory in training no longer grows with depth.",
+        f"`{config.coupling}` coupling): activation memory in training "
+        + (f"grows by {config.bdia_keep_bits} bits per stream element and layer, not a stored activation."
+           if config.coupling == "bdia" else "no longer grows with depth."),
         "",
         *(_card_bdia(source_name) if config.coupling == "bdia" else _card_heal(source_name)),
         "```python",
