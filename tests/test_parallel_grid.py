@@ -10,8 +10,6 @@ the real scripts with every option on at once plus gradient accumulation, and co
 from __future__ import annotations
 
 import copy
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -45,12 +43,6 @@ GRID = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def gradients(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1)  # the same dropout masks and LSH rotations on every rank and in the reference
@@ -62,12 +54,12 @@ def gradients(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tens
     return grads
 
 
-def compare_worker(rank: int, port: int, failures_path: str) -> None:
+def compare_worker(rank: int, rendezvous: str, failures_path: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A rendezvous file, not a TCP port: no other process on the machine can take it between choice and use.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     failures = []
     try:
         for name, overrides in GRID.items():
@@ -100,7 +92,7 @@ def compare_worker(rank: int, port: int, failures_path: str) -> None:
 
 def test_ddp_and_fsdp2_gradients_equal_one_unsharded_backward_for_every_option(tmp_path):
     failures = tmp_path / "failures.txt"
-    mp.spawn(compare_worker, args=(free_port(), str(failures)), nprocs=2, join=True)
+    mp.spawn(compare_worker, args=(str(tmp_path / "rendezvous"), str(failures)), nprocs=2, join=True)
     assert failures.read_text() == "", failures.read_text()[:3000]
 
 
