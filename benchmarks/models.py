@@ -78,11 +78,12 @@ def build_model(spec: Spec) -> Any:
     buckets = max(2, spec.seq_len // spec.attn_chunk // 2 * 2)  # ~one bucket per chunk, even
     if spec.model.startswith("revformer"):
         from revformer import RevformerConfig, RevformerForCausalLM
+        from revformer.conversion import BDIA_GAMMA
 
         chunks = {"chunk_size_feed_forward": spec.chunk if spec.ff_chunk is None else spec.ff_chunk,
                   "loss_chunk_size": spec.chunk if spec.loss_chunk is None else spec.loss_chunk}
         # revformer_bdia: the coupling convert.py produces (a Llama block stack out of training), from scratch
-        bdia = {"coupling": "bdia", "stream_dtype": "fixed_point", "bdia_gamma": 2.0**-4}
+        bdia = {"coupling": "bdia", "stream_dtype": "fixed_point", "bdia_gamma": BDIA_GAMMA}
         config = RevformerConfig(
             **common, intermediate_size=spec.intermediate_size, reversible=spec.model != "revformer_plain",
             **(bdia if spec.model == "revformer_bdia" else {}),

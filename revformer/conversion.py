@@ -188,6 +188,16 @@ def convert_model(source: Any, coupling: str = "bdia", midpoint_step: float = 2.
 
 
 def model_card(source_name: str, config: RevformerConfig) -> str:
+    bdia = config.coupling == "bdia"
+    next_step = (
+        "Out of training it computes the source's function exactly (the `bdia` coupling, whose gamma is 0 there): "
+        "generation and the KV cache are the source's. In training each layer after the first draws gamma = "
+        "+-bdia_gamma per sequence, which makes the stack invertible (exactly, on its fixed-point streams). "
+        "Fine-tune it directly:"
+        if bdia else
+        "A residual stack is not invertible, so this model does not compute the source's function exactly until it "
+        "is healed by a short distillation from the source:"
+    )
     return "\n".join([
         "---",
         "library_name: transformers",
@@ -201,43 +211,22 @@ def model_card(source_name: str, config: RevformerConfig) -> str:
         f"The weights of `{source_name}` unchanged, in a reversible stack ({config.num_hidden_layers} layers, "
         f"`{config.coupling}` coupling): activation memory in training "
         + (f"grows by {config.bdia_keep_bits} bits per stream element and layer, not a stored activation."
-           if config.coupling == "bdia" else "no longer grows with depth."),
+           if bdia else "no longer grows with depth."),
         "",
-        *(_card_bdia(source_name) if config.coupling == "bdia" else _card_heal(source_name)),
+        next_step,
+        "",
+        "```",
+        f"accelerate launch scripts/finetune.py --config configs/{'finetune' if bdia else 'heal'}.yaml "
+        "--train.init_from THIS_FOLDER \\",
+        "    --data.dataset YOUR_TEXT" if bdia else f"    --train.distill_from {source_name} --data.dataset YOUR_TEXT",
+        "```",
+        "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER", trust_remote_code=True)',
         "```",
         "",
     ])
-
-
-def _card_bdia(source_name: str) -> list[str]:
-    return [
-        "Out of training it computes the source's function exactly (the `bdia` coupling, whose gamma is 0 there): "
-        "generation and the KV cache are the source's. In training each layer after the first draws gamma = "
-        "+-bdia_gamma per sequence, which makes the stack invertible (exactly, on its fixed-point streams). "
-        "Fine-tune it directly:",
-        "",
-        "```",
-        "accelerate launch scripts/finetune.py --config configs/finetune.yaml --train.init_from THIS_FOLDER \\",
-        "    --data.dataset YOUR_TEXT",
-        "```",
-        "",
-    ]
-
-
-def _card_heal(source_name: str) -> list[str]:
-    return [
-        "A residual stack is not invertible, so this model does not compute the source's function exactly until it "
-        "is healed by a short distillation from the source:",
-        "",
-        "```",
-        "accelerate launch scripts/finetune.py --config configs/heal.yaml --train.init_from THIS_FOLDER \\",
-        f"    --train.distill_from {source_name} --data.dataset YOUR_TEXT",
-        "```",
-        "",
-    ]
 
 
 def convert_to_revformer(

@@ -107,16 +107,22 @@ class StreamCoupling:
     def join(self, stream: Tensor, out: Tensor, keep: Tensor | None = None, invertible: bool = True
              ) -> tuple[Tensor, Any]:
         """`y = keep * stream + out` (`keep=None`: `stream + out`), and what `unjoin` needs beyond y, out and keep
-        to rebuild `stream` (nothing here: with float streams the division in `unjoin` is merely rounded).
-        `invertible=False`: nothing will be rebuilt (the plain path), so nothing is kept for it."""
+        to rebuild `stream`. `invertible=False`: nothing will be rebuilt (the plain path), so nothing is kept."""
         if keep is None:
             return self.add(stream, out), None
-        return self.add(keep * stream, out), None
+        return self.scaled_join(stream, out, keep, invertible)
 
     def unjoin(self, y: Tensor, out: Tensor, keep: Tensor | None = None, residue: Any = None) -> Tensor:
         """The `stream` of `y, residue = join(stream, out, keep)`."""
         if keep is None:
             return self.subtract(y, out)
+        return self.scaled_unjoin(y, out, keep, residue)
+
+    # With float streams the division in the inverse is merely rounded, and nothing is kept beside the streams.
+    def scaled_join(self, stream: Tensor, out: Tensor, keep: Tensor, invertible: bool) -> tuple[Tensor, Any]:
+        return self.add(keep * stream, out), None
+
+    def scaled_unjoin(self, y: Tensor, out: Tensor, keep: Tensor, residue: Any) -> Tensor:
         return self.subtract(y, out) / keep
 
     def read(self, stream: Tensor) -> Tensor:
@@ -203,20 +209,16 @@ class FixedPointCoupling(StreamCoupling):
     def _residue_steps(self, stream: Tensor) -> Tensor:
         return torch.remainder(stream.detach() * self.scale, 2.0**self.keep_bits)
 
-    def join(self, stream: Tensor, out: Tensor, keep: Tensor | None = None, invertible: bool = True
-             ) -> tuple[Tensor, Any]:
-        if keep is None:
-            return self.add(stream, out), None
+    def scaled_join(self, stream: Tensor, out: Tensor, keep: Tensor, invertible: bool) -> tuple[Tensor, Any]:
         residue = self._residue_steps(stream)
         kept = keep.to(stream.dtype) * (stream - residue * self.step)  # exact; gradient keep (straight-through)
         return self.add(kept, out), pack_residue(residue, self.keep_bits) if invertible else None
 
-    def unjoin(self, y: Tensor, out: Tensor, keep: Tensor | None = None, residue: Any = None) -> Tensor:
-        if keep is None:
-            return self.subtract(y, out)
+    def scaled_unjoin(self, y: Tensor, out: Tensor, keep: Tensor, residue: Any) -> Tensor:
         if residue is None:
             raise ValueError("Inverting a scaled fixed-point join needs the residue that join() returned.")
-        return self.subtract(y, out) / keep.to(y.dtype) + unpack_residue(residue) * self.step
+        # In place on the fresh difference: each step is exact, and no further full-size float64 copy is made.
+        return self.subtract(y, out).div_(keep.to(y.dtype)).add_(unpack_residue(residue), alpha=self.step)
 
     def read(self, stream: Tensor) -> Tensor:
         return stream.float()
@@ -271,11 +273,11 @@ def pack_residue(residue: Tensor, bits: int) -> PackedResidue:
 
 
 def unpack_residue(packed: PackedResidue) -> Tensor:
-    """The float64 residue that `pack_residue` packed."""
+    """The residue that `pack_residue` packed, as uint8 (one byte per element; integers below 2^bits <= 256)."""
     weights = _bit_weights(packed.planes.device)
-    values = torch.zeros(packed.planes.shape[1], 8, dtype=torch.float64, device=packed.planes.device)
+    values = torch.zeros(packed.planes.shape[1], 8, dtype=torch.uint8, device=packed.planes.device)
     for b, plane in enumerate(packed.planes):
-        values += ((plane.unsqueeze(-1) & weights) != 0).double() * 2.0**b
+        values |= ((plane.unsqueeze(-1) & weights) != 0).to(torch.uint8) << b
     return values.reshape(-1)[: packed.shape.numel()].view(packed.shape)
 
 

@@ -157,6 +157,18 @@ CANDIDATES = {
 }
 # A conversion this close to the teacher needs no healing: the finetune stage then fine-tunes it as converted too.
 NO_HEALING_NEEDED = 0.02
+
+
+def teacher_loss(results: dict[str, Any]) -> float:
+    """The teacher's loss by scripts/evaluate.py, as every converted model is scored (older results: its final
+    evaluation in training)."""
+    return results.get("teacher/eval", {}).get("loss", results["teacher"]["final_loss"])
+
+
+def needs_no_healing(results: dict[str, Any], name: str) -> bool:
+    """Whether coupling `name` scored within NO_HEALING_NEEDED of the teacher right after conversion."""
+    converted = results.get(f"convert/{name}", {}).get("loss")
+    return converted is not None and converted <= teacher_loss(results) * (1 + NO_HEALING_NEEDED)
 EVAL_LINE = re.compile(r"step (\d+): eval/loss ([0-9.]+)")
 
 
@@ -228,8 +240,8 @@ def stage_heal(work: Path, teacher: Path, names: list[str]) -> None:
             unchunked_loss(converted)
         if f"convert/{name}" not in results:
             save_result(f"convert/{name}", {"loss": evaluate_cli(converted, pretrain, work / "logs" / f"eval_{name}.log")})
-        loss = load_results()[f"convert/{name}"]["loss"]
-        if loss <= load_results()["teacher/eval"]["loss"] * (1 + NO_HEALING_NEEDED):
+        if needs_no_healing(load_results(), name):
+            loss = load_results()[f"convert/{name}"]["loss"]
             save_result(f"heal/{name}", {"curve": [], "final_loss": loss, "tokens": 0, "learning_rate": None,
                                          "wall_s": 0})  # nothing to heal
             log(f"heal/{name}: none needed ({loss:.4f} at conversion)")
@@ -287,8 +299,7 @@ def stage_finetune(work: Path, teacher: Path, healed_name: str, names: list[str]
     if results.get(f"heal/{healed_name}", {}).get("tokens"):
         runs.append((f"healed_{healed_name}", work / "heal" / healed_name / "model"))
     for name in names:
-        converted = results.get(f"convert/{name}", {}).get("loss")
-        if converted is not None and converted <= results["teacher/eval"]["loss"] * (1 + NO_HEALING_NEEDED):
+        if needs_no_healing(results, name):
             runs.append((f"converted_{name}", work / "converted" / name))
     if "gamma" in results and "bdia" in names:  # bdia at the gamma of training from scratch, for comparison
         runs.append((f"converted_bdia_g{max(S.gammas):g}", work / "converted" / f"bdia_g{max(S.gammas):g}"))
@@ -402,8 +413,7 @@ def report() -> None:
     import torch
 
     r = load_results()
-    # The teacher's loss by scripts/evaluate.py, as every converted model is scored (older results: its final eval).
-    teacher = r.get("teacher/eval", {}).get("loss", r["teacher"]["final_loss"])
+    teacher = teacher_loss(r)
     gap = lambda loss: f"{100 * (loss / teacher - 1):+.1f}%"  # noqa: E731
     mtok = lambda tokens: f"{tokens / 1e6:.2f}M"  # noqa: E731
     lines = [
@@ -481,7 +491,7 @@ def plot(r: dict[str, Any]) -> None:
         points = r[key]["curve"] + [(r[key]["tokens"], r[key]["final_loss"])]
         label = "same shape from scratch" if name == "scratch" else f"{name} (KL healing)"
         ax.plot([t / 1e6 for t, _ in points], [loss for _, loss in points], marker="o", label=label)
-    teacher = r.get("teacher/eval", {}).get("loss", r["teacher"]["final_loss"])
+    teacher = teacher_loss(r)
     ax.axhline(teacher, color="k", linestyle="--", label="teacher (Llama)")
     ax.axhline(1.02 * teacher, color="grey", linestyle=":", label="teacher + 2%")
     ax.set(xlabel="healing tokens (M)", ylabel="validation loss (nats/byte)", title="Converted Llama, healing by coupling")
