@@ -90,9 +90,9 @@ def evaluate_bpb(model: Any, corpus: Corpus, spec: Spec, blocks: int | None = No
 def reconstruction_error(model: Any, corpus: Corpus, spec: Spec) -> float | None:
     """max |x - x'| of the trained reversible model on 8 validation blocks (None for other models; bdia in
     training mode, the only one in which it is invertible)."""
-    if spec.model not in ("revformer", "revformer_bdia"):
+    if not spec.model.startswith("revformer") or not model.config.reversible:
         return None
-    model.train(spec.model == "revformer_bdia")
+    model.train(model.config.coupling == "bdia")
     with autocast(spec.device, spec.dtype):
         error = model.model.reconstruction_error(corpus.val[:8].to(spec.device))
     model.train()

@@ -4,6 +4,9 @@ training step of them.
 - ``revformer``: RevformerForCausalLM, reversible engine;
 - ``revformer_plain``: the same model with ``reversible=False`` (ordinary autograd);
 - ``revformer_bdia``: revformer with the ``bdia`` coupling (gamma 1/16, fixed-point streams), reversible;
+- ``revformer_bdia_gamma64``: the same with gamma 1/64 (6 residue bits per stream element and layer);
+- ``revformer_merge_newest``, ``revformer_embed_one``, ``revformer_scaled_init``: ablations of revformer's
+  ``sublayer`` stack, one change each (`ABLATIONS`), for the depth-quality suite;
 - ``llama`` / ``llama_ckpt``: Hugging Face LlamaForCausalLM (sdpa), without / with activation checkpointing;
 - ``reformer``: Hugging Face ReformerModelWithLMHead (causal; local attention, or LSH with ``attention="lsh"``).
 """
@@ -14,18 +17,31 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-MODELS = ("revformer", "revformer_plain", "revformer_bdia", "llama", "llama_ckpt", "reformer")
-DEFAULT_MODELS = tuple(m for m in MODELS if m != "revformer_bdia")  # what the depth/length suites run unless told
+ABLATIONS = {  # model name -> the one change it makes to revformer's sublayer stack
+    "revformer_merge_newest": "output: the newest stream y2 instead of the mean (y1 + y2) / 2",
+    "revformer_embed_one": "input: the embedding feeds one stream (x1 = 0, x2 = embedding; attention reads x2 first)",
+    "revformer_scaled_init": "initialisation: o_proj and down_proj at std 0.02 / sqrt(2 * layers) (GPT-2's)",
+}
+BDIA_GAMMAS = {"revformer_bdia": None, "revformer_bdia_gamma64": 2**-6}  # None: convert.py's (BDIA_GAMMA, 1/16)
+MODELS = ("revformer", "revformer_plain", *BDIA_GAMMAS, *ABLATIONS, "llama", "llama_ckpt", "reformer")
+# What the depth/length suites run unless told: the shipped model, its plain path and the baselines.
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in BDIA_GAMMAS and m not in ABLATIONS)
 LABELS = {
     "revformer": "revformer (reversible)",
     "revformer_plain": "revformer (reversible=False)",
     "revformer_bdia": "revformer, bdia coupling (gamma 1/16)",
+    "revformer_bdia_gamma64": "revformer, bdia coupling (gamma 1/64)",
+    "revformer_merge_newest": "revformer, merge: newest stream",
+    "revformer_embed_one": "revformer, embedding into one stream",
+    "revformer_scaled_init": "revformer, scaled output init",
     "llama": "Llama",
     "llama_ckpt": "Llama + checkpointing",
     "reformer": "HF Reformer (local)",
 }
 # Plot style per model (colour, marker, line): overlapping curves stay visible.
 STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "revformer_bdia": ("C5", "P", "-."),
+          "revformer_bdia_gamma64": ("C6", "X", "-."), "revformer_merge_newest": ("C7", "<", ":"),
+          "revformer_embed_one": ("C8", ">", ":"), "revformer_scaled_init": ("C9", "*", ":"),
           "llama": ("C2", "^", "-"),
           "llama_ckpt": ("C3", "v", "--"), "reformer": ("C4", "D", ":")}
 
@@ -82,15 +98,17 @@ def build_model(spec: Spec) -> Any:
 
         chunks = {"chunk_size_feed_forward": spec.chunk if spec.ff_chunk is None else spec.ff_chunk,
                   "loss_chunk_size": spec.chunk if spec.loss_chunk is None else spec.loss_chunk}
-        # revformer_bdia: the coupling convert.py produces (a Llama block stack out of training), from scratch
-        bdia = {"coupling": "bdia", "stream_dtype": "fixed_point", "bdia_gamma": BDIA_GAMMA}
+        # revformer_bdia*: the coupling convert.py produces (a Llama block stack out of training), from scratch
+        bdia = {"coupling": "bdia", "stream_dtype": "fixed_point", "bdia_gamma": BDIA_GAMMAS.get(spec.model) or BDIA_GAMMA}
         config = RevformerConfig(
             **common, intermediate_size=spec.intermediate_size, reversible=spec.model != "revformer_plain",
-            **(bdia if spec.model == "revformer_bdia" else {}),
+            **(bdia if spec.model in BDIA_GAMMAS else {}),
             attention_layers=spec.attention, local_chunk_length=spec.attn_chunk, lsh_chunk_length=spec.attn_chunk,
             lsh_num_buckets=buckets, lsh_num_hashes=2, **{k: v for k, v in chunks.items() if v is not None},
         )  # fmt: skip
         model = RevformerForCausalLM(config)
+        if spec.model in ABLATIONS:
+            ablate(model, spec.model)
     elif spec.model.startswith("llama"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -118,6 +136,31 @@ def build_model(spec: Spec) -> Any:
         )  # fmt: skip
         model = ReformerModelWithLMHead(config)
     return model.to(spec.device).train()
+
+
+def ablate(model: Any, name: str) -> None:
+    """Apply ablation `name` (a key of ABLATIONS) to a freshly initialised sublayer revformer, in place."""
+    import types
+
+    import torch
+
+    stack = model.model
+    if name == "revformer_merge_newest":
+        stack.output_stream = types.MethodType(lambda self, x1, x2: self.coupling.decode(x2), stack)
+    elif name == "revformer_embed_one":
+        def input_streams(self: Any, embeds: Any) -> tuple[Any, Any]:
+            x = self.coupling.encode(embeds)
+            return torch.zeros_like(x), x
+
+        stack.input_streams = types.MethodType(input_streams, stack)
+    elif name == "revformer_scaled_init":
+        std = model.config.initializer_range / (2 * model.config.num_hidden_layers) ** 0.5
+        with torch.no_grad():
+            for block in stack.layers:
+                block.attention.o_proj.weight.normal_(0.0, std)
+                block.feed_forward.down_proj.weight.normal_(0.0, std)
+    else:
+        raise ValueError(f"unknown ablation {name!r}; choose from {sorted(ABLATIONS)}")
 
 
 def make_optimizer(model: Any, lr: float = 1e-4, weight_decay: float = 0.0) -> Any:

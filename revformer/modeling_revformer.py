@@ -657,6 +657,11 @@ class RevformerModel(RevformerPreTrainedModel):
         layers = [*self.layers, self.no_update] if len(self.layers) % 2 else list(self.layers)
         return [LayerPair(layers[i], layers[i + 1]) for i in range(0, len(layers), 2)]
 
+    def input_streams(self, embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """The first layer's two streams from the token embedding: both are the embedding."""
+        x = self.coupling.encode(embeds)
+        return x, x
+
     def output_stream(self, x1: Tensor, x2: Tensor) -> Tensor:
         """The stack's hidden state from the top streams: their mean (`sublayer`), or the newest (`midpoint`,
         `bdia`)."""
@@ -688,11 +693,11 @@ class RevformerModel(RevformerPreTrainedModel):
             cos, sin = self.rotary_emb(input_ids, torch.arange(input_ids.shape[1], device=device).unsqueeze(0))
             padded = attention_mask is not None and not bool(attention_mask.all())
             aux = (cos, sin, attention_mask.bool() if padded else None)
-            x = self.coupling.encode(self.embed_tokens(input_ids))
+            x1, x2 = self.input_streams(self.embed_tokens(input_ids))
             units = self.reversible_units()
-            y1, y2, contexts = forward_blocks(x, x, units, aux, self.coupling, self.uses_randomness())
-            x1, x2 = reconstruct_inputs(y1, y2, units, aux, self.coupling, contexts)
-        return max((x1.double() - x.double()).abs().max().item(), (x2.double() - x.double()).abs().max().item())
+            y1, y2, contexts = forward_blocks(x1, x2, units, aux, self.coupling, self.uses_randomness())
+            r1, r2 = reconstruct_inputs(y1, y2, units, aux, self.coupling, contexts)
+        return max((r1.double() - x1.double()).abs().max().item(), (r2.double() - x2.double()).abs().max().item())
 
     def _warn_past_trained_length(self, length: int, position_ids: Tensor) -> None:
         """Warn once when a position reaches max_position_embeddings. RoPE is defined at every position, so the
@@ -786,7 +791,7 @@ class RevformerModel(RevformerPreTrainedModel):
             key_padding_mask = attention_mask.bool()
 
         # Streams stay fp32 (or fixed point) whatever F and G compute in.
-        x1 = x2 = self.coupling.encode(inputs_embeds)
+        x1, x2 = self.input_streams(inputs_embeds)
         decode = self.coupling.decode
         hidden_states: list[Tensor] = [decode(x1)] if output_hidden_states else []
         attentions: list[Tensor] | None = [] if output_attentions else None

@@ -116,6 +116,8 @@ def test_data_tiny(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # seven training workers
 def test_depth_quality_tiny(tmp_path: Path) -> None:
+    from benchmarks.models import ABLATIONS
+
     run_benchmark("benchmark_depth_quality.py", "--tiny", "--jobs", "2", "--out", str(tmp_path))
     sweep = read_jsonl(tmp_path / "sweep.jsonl")
     main = {r["spec"]["model"]: r for r in read_jsonl(tmp_path / "main.jsonl")}
@@ -128,12 +130,26 @@ def test_depth_quality_tiny(tmp_path: Path) -> None:
     assert "| 1 | " in readme and "Learning-rate sweep" in readme and "Check, revformer with `reversible=False`" in readme
     assert (tmp_path / "depth_quality.png").stat().st_size > 0
     run_benchmark("benchmark_depth_quality.py", "ablate", "--tiny", "--out", str(tmp_path))
-    (ablation,) = read_jsonl(tmp_path / "ablation.jsonl")
-    assert ablation["ok"] and ablation["stopped_at"] == 2 and ablation["steps"] == 4  # the main runs' schedule
-    assert [step for step, _ in ablation["val_bpb_curve"]] == [2]
-    assert "| revformer ablation | lr 0.001 |" in (tmp_path / "README.md").read_text()
+    ablations = {(r["spec"]["model"], r["lr"]): r for r in read_jsonl(tmp_path / "ablation.jsonl")}
+    rate, *structural = ablations  # the rate ablation first, then each structural change at the best rate so far
+    assert rate == ("revformer", 1e-3) and {m for m, _ in structural} == set(ABLATIONS)
+    best = min([main["revformer"], ablations[rate]], key=lambda r: r["val_bpb_curve"][0][1])
+    assert {lr for _, lr in structural} == {best["lr"]}
+    for r in ablations.values():
+        assert r["ok"] and r["stopped_at"] == 2 and r["steps"] == 4  # the main runs' schedule
+        assert [step for step, _ in r["val_bpb_curve"]] == [2] and r["reconstruction_error"] < 1e-4
+    readme = (tmp_path / "README.md").read_text()
+    assert "| revformer ablation | lr 0.001 |" in readme and f"| revformer_embed_one ablation | {ABLATIONS['revformer_embed_one']}" in readme
     run_benchmark("benchmark_depth_quality.py", "bdia", "--tiny", "--out", str(tmp_path))
-    (bdia,) = read_jsonl(tmp_path / "bdia.jsonl")
-    assert bdia["ok"] and bdia["steps"] == 4 and bdia["lr"] == main["llama"]["lr"]  # Llama's schedule and rate
-    assert bdia["reconstruction_error"] == 0.0  # fixed-point streams: exact
-    assert "| revformer, bdia bpb | bdia vs Llama |" in (tmp_path / "README.md").read_text()
+    bdia = {r["spec"]["model"]: r for r in read_jsonl(tmp_path / "bdia.jsonl")}
+    assert set(bdia) == {"revformer_bdia", "revformer_bdia_gamma64"}
+    for r in bdia.values():
+        assert r["ok"] and r["steps"] == 4 and r["lr"] == main["llama"]["lr"]  # Llama's schedule and rate
+        assert r["reconstruction_error"] == 0.0  # fixed-point streams: exact
+    readme = (tmp_path / "README.md").read_text()
+    assert "| revformer, bdia bpb | bdia vs Llama |" in readme and "| 1 | 1/64 |" in readme
+    run_benchmark("benchmark_depth_quality.py", "seed", "--tiny", "--out", str(tmp_path))
+    (seed,) = read_jsonl(tmp_path / "seed.jsonl")
+    assert seed["ok"] and seed["spec"]["seed"] == 1 and seed["spec"]["model"] == "llama"
+    assert seed["lr"] == main["llama"]["lr"] and seed["steps"] == main["llama"]["steps"]
+    assert "Run-to-run spread: llama at 1 layers" in (tmp_path / "README.md").read_text()

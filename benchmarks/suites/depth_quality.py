@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import RESULTS
-from ..models import LABELS, Spec
+from ..models import ABLATIONS, LABELS, Spec
 from ..report import model_style, pyplot, read_records, save_figure
 from ..runner import Runner
 
@@ -56,15 +56,24 @@ class Sizes:
     ablation_depth: int = 24
     ablation_lrs: list[float] = field(default_factory=lambda: [1e-3, 2e-3])
     ablation_steps: int = 500
+    # The structural hypotheses (benchmarks.models.ABLATIONS), each at the rate best at `ablation_steps` among the
+    # main run and the rate ablations, so that each differs from that run in its one change.
+    ablation_models: list[str] = field(default_factory=lambda: list(ABLATIONS))
     # The bdia coupling from scratch (`bdia` command): main runs at these depths, at Llama's swept rate (out of
-    # training bdia is a Llama block stack).
+    # training bdia is a Llama block stack); and the smaller gamma at `bdia_gamma64_depths`.
     bdia_depths: list[int] = field(default_factory=lambda: [4, 12, 24])
+    bdia_gamma64_depths: list[int] = field(default_factory=lambda: [24])
+    # Run-to-run noise (`seed` command): Llama's main run at these depths again with another seed (weights and
+    # batch order), which sizes the differences the tables can resolve.
+    seed_depths: list[int] = field(default_factory=lambda: [24])
+    seed: int = 1
 
 
 # --tiny: every phase at one depth, 7 short runs (the test's run); nothing it measures means anything.
 TINY = Sizes(hidden_size=32, num_heads=2, seq_len=64, batch_size=2, depths=[1], lrs=[3e-3, 1e-2], sweep_steps=3,
              steps=4, eval_every=2, curve_blocks=4, sweep_val_blocks=8, val_blocks=16, plain_depth=1,
-             ablation_depth=1, ablation_lrs=[1e-3], ablation_steps=2, bdia_depths=[1])
+             ablation_depth=1, ablation_lrs=[1e-3], ablation_steps=2, bdia_depths=[1], bdia_gamma64_depths=[1],
+             seed_depths=[1])
 
 
 def spec(sizes: Sizes, model: str, layers: int) -> Spec:
@@ -173,35 +182,52 @@ def render(out: Path) -> str:
         first = next(iter(ablations.values()))
         stop, d = first["stopped_at"], first["spec"]["num_layers"]  # from the ablation's own record
 
-        def at(r: dict[str, Any]) -> str:
-            return next((f"{bpb:.4f}" for step, bpb in r["val_bpb_curve"] if step == stop), "")
+        def at(r: dict[str, Any] | None) -> str:
+            bpb = bpb_at(r, stop) if r else None
+            return f"{bpb:.4f}" if bpb is not None else ""
 
+        llama = main.get(("llama", d, lrs.get(("llama", d))))
+        reference = ablation_reference(out, Sizes(**{**s, "ablation_depth": d, "ablation_steps": stop}))
         lines += ["", f"Ablations of the {d}-layer revformer, one change each, same schedule, "
                       f"stopped after {stop} steps (validation bpb on the curve sample at that step; the main runs' "
-                      "curves at the same step beside them):", "",
-                  "| run | change | bpb at step " + str(stop) + " |", "|---|---|---|"]
+                      "curves at the same step beside them). The structural changes run at the rate that was best "
+                      f"at step {stop}" + (f" (lr {reference['lr']:g})" if reference else "") + ":", "",
+                  f"| run | change | bpb at step {stop} | vs Llama |", "|---|---|---|---|"]
+
+        def row(name: str, change: str, r: dict[str, Any] | None) -> str:
+            bpb, base = (bpb_at(r, stop) if r else None), (bpb_at(llama, stop) if llama else None)
+            return f"| {name} | {change} | {at(r)} | {pct(bpb, base) if bpb and base else ''} |"
+
         for m in ARCHS:
             r = main.get((m, d, lrs.get((m, d))))
             if r:
-                lines.append(f"| {m} main run | lr {r['lr']:g} (swept) | {at(r)} |")
-        for (m, _, lr), r in sorted(ablations.items()):
-            lines.append(f"| {m} ablation | lr {lr:g} | {at(r)} |")
+                lines.append(row(f"{m} main run", f"lr {r['lr']:g} (swept)", r))
+        for (m, _, lr), r in sorted(ablations.items(), key=lambda kv: (kv[0][0] != "revformer", kv[0])):
+            change = f"lr {lr:g}" if m == "revformer" else f"{ABLATIONS[m]}, lr {lr:g}"
+            lines.append(row(f"{m} ablation", change, r))
     bdia = done(out, "bdia")
     if bdia:
-        lines += ["", f"The bdia coupling from scratch ({LABELS['revformer_bdia']}, fixed-point streams; a Llama block "
-                      "stack out of training): main runs at Llama's swept rate, the same schedule and tokens:", "",
-                  "| layers | Llama bpb | revformer (sublayer) bpb | revformer, bdia bpb | bdia vs Llama | "
-                  "reconstruction error | run time |", "|---|---|---|---|---|---|---|"]
-    for (m, d, lr), r in sorted(bdia.items(), key=lambda kv: kv[0][1]):
+        lines += ["", "The bdia coupling from scratch (fixed-point streams; a Llama block stack out of training): "
+                      "main runs at Llama's swept rate, the same schedule and tokens:", "",
+                  "| layers | gamma | Llama bpb | revformer (sublayer) bpb | revformer, bdia bpb | bdia vs Llama | "
+                  "reconstruction error | run time |", "|---|---|---|---|---|---|---|---|"]
+    for (m, d, lr), r in sorted(bdia.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         llama = main.get(("llama", d, lrs.get(("llama", d))))
         rev = main.get(("revformer", d, lrs.get(("revformer", d))))
-        recon = r.get("reconstruction_error")
-        lines.append(f"| {d} | {llama['val_bpb']:.4f} | {rev['val_bpb']:.4f} | {r['val_bpb']:.4f} (lr {lr:g}) | "
-                     f"{pct(r['val_bpb'], llama['val_bpb'])} | {recon if recon is not None else '-'} | "
-                     f"{r['train_s'] / 60:.0f} min |" if llama and rev else f"| {d} | | | {r['val_bpb']:.4f} | | | |")
-    walls = [r["worker_wall_s"] for r in [*sweep.values(), *main.values(), *ablations.values(), *bdia.values()]]
-    lines += ["", f"Runs recorded: {len(sweep)} sweep + {len(main)} main, {sum(walls) / 3600:.2f} h of process time "
-                  f"in all (the script runs `--jobs` of them at once).", "", "![curves](depth_quality.png)", ""]
+        recon, gamma = r.get("reconstruction_error"), LABELS[m].rsplit(" ", 1)[-1].rstrip(")")
+        lines.append(f"| {d} | {gamma} | {llama['val_bpb']:.4f} | {rev['val_bpb']:.4f} | {r['val_bpb']:.4f} (lr {lr:g}) "
+                     f"| {pct(r['val_bpb'], llama['val_bpb'])} | {recon if recon is not None else '-'} | "
+                     f"{r['train_s'] / 60:.0f} min |" if llama and rev else f"| {d} | {gamma} | | | {r['val_bpb']:.4f} | | | |")
+    seeds = done(out, "seed")
+    for (m, d, lr), r in sorted(seeds.items()):
+        first = main.get((m, d, lr))
+        vs = f" against seed {first['spec']['seed']}'s {first['val_bpb']:.4f} ({pct(r['val_bpb'], first['val_bpb'])})"
+        lines += ["", f"Run-to-run spread: {m} at {d} layers, lr {lr:g}, seed {r['spec']['seed']} (other weights "
+                      f"and batch order): {r['val_bpb']:.4f} bpb" + (vs if first else "") + "."]
+    walls = [r["worker_wall_s"] for phase in (sweep, main, ablations, bdia, seeds) for r in phase.values()]
+    lines += ["", f"Runs recorded: {len(sweep)} sweep + {len(main)} main + {len(ablations)} ablation + {len(bdia)} "
+                  f"bdia + {len(seeds)} seed, {sum(walls) / 3600:.2f} h of process time in all (the script runs "
+                  "`--jobs` of them at once).", "", "![curves](depth_quality.png)", ""]
     return "\n".join(lines)
 
 
@@ -234,24 +260,57 @@ def report(out: Path) -> str:
     return text
 
 
+def bpb_at(record: dict[str, Any], step: int) -> float | None:
+    """Validation bpb on the curve sample at `step`, or None where the curve has no point there."""
+    return next((bpb for s, bpb in record["val_bpb_curve"] if s == step), None)
+
+
+def ablation_reference(out: Path, sizes: Sizes) -> dict[str, Any] | None:
+    """The deepest revformer run with the lowest bpb at `ablation_steps`: its main run or a rate ablation."""
+    d, stop = sizes.ablation_depth, sizes.ablation_steps
+    runs = [r for (m, layers, _), r in [*done(out, "main").items(), *done(out, "ablation").items()]
+            if m == "revformer" and layers == d and bpb_at(r, stop) is not None]
+    return min(runs, key=lambda r: bpb_at(r, stop), default=None)
+
+
 def ablate(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
-    """The learning-rate hypothesis: the deepest revformer at the other swept rates, on its main run's schedule."""
-    jobs = [(spec(sizes, "revformer", sizes.ablation_depth), lr) for lr in sizes.ablation_lrs]
+    """The hypotheses, one controlled run each on the deepest revformer's schedule, stopped at `ablation_steps`:
+    the learning rate (the other swept rates), then each structural change at the best of those rates."""
+    depth = sizes.ablation_depth
+    jobs = [(spec(sizes, "revformer", depth), lr) for lr in sizes.ablation_lrs]
+    run_phase(runner, out, "ablation", jobs, sizes.steps, sizes.val_blocks, sizes, workers, sizes.ablation_steps)
+    reference = ablation_reference(out, sizes)
+    if reference is None:
+        raise SystemExit(f"no revformer run at {depth} layers reached step {sizes.ablation_steps}; run the main runs")
+    jobs = [(spec(sizes, m, depth), reference["lr"]) for m in sizes.ablation_models]
     run_phase(runner, out, "ablation", jobs, sizes.steps, sizes.val_blocks, sizes, workers, sizes.ablation_steps)
 
 
 def bdia_phase(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
-    """revformer with the bdia coupling at `bdia_depths`, at Llama's swept rate there, on the main runs' schedule."""
+    """revformer with the bdia coupling at `bdia_depths` (and gamma 1/64 at `bdia_gamma64_depths`), at Llama's swept
+    rate there, on the main runs' schedule."""
     lrs = best_lrs(out)
     jobs = [(spec(sizes, "revformer_bdia", d), lrs[("llama", d)]) for d in sizes.bdia_depths]
+    jobs += [(spec(sizes, "revformer_bdia_gamma64", d), lrs[("llama", d)]) for d in sizes.bdia_gamma64_depths]
     run_phase(runner, out, "bdia", jobs, sizes.steps, sizes.val_blocks, sizes, workers)
+
+
+def seed_phase(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
+    """Llama's main runs at `seed_depths` again with seed `sizes.seed`: the run-to-run spread."""
+    lrs = best_lrs(out)
+    jobs = [(dataclasses.replace(spec(sizes, "llama", d), seed=sizes.seed), lrs[("llama", d)])
+            for d in sizes.seed_depths]
+    run_phase(runner, out, "seed", jobs, sizes.steps, sizes.val_blocks, sizes, workers)
+
+
+PHASES = {"ablate": ablate, "bdia": bdia_phase, "seed": seed_phase}  # the commands after the main runs
 
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", nargs="?", default="run", choices=("run", "ablate", "bdia", "report"),
+    p.add_argument("command", nargs="?", default="run", choices=("run", *PHASES, "report"),
                    help="run: the sweep and the main runs; ablate: the ablations of the deepest revformer; bdia: the "
-                        "bdia coupling from scratch")
+                        "bdia coupling from scratch; seed: Llama's deepest main run with another seed")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (the test's smoke run)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -264,8 +323,8 @@ def main(argv: list[str]) -> None:
         return
     runner = Runner(args.out, args.worker_timeout)
     start = time.perf_counter()
-    if args.command in ("ablate", "bdia"):
-        (ablate if args.command == "ablate" else bdia_phase)(runner, args.out, sizes, args.jobs)
+    if args.command in PHASES:
+        PHASES[args.command](runner, args.out, sizes, args.jobs)
         print(report(args.out))
         return
     sweep_jobs = [(spec(sizes, m, d), lr) for d in sizes.depths for m in ARCHS for lr in sizes.lrs]
