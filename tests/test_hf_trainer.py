@@ -1,4 +1,5 @@
-"""transformers' Trainer trains RevformerForCausalLM unchanged, on one process and on two (DDP over gloo)."""
+"""transformers' Trainer trains RevformerForCausalLM unchanged, on one process and on two (DDP over gloo), with the
+default coupling and, on two processes, with bdia (what convert.py makes)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ def test_trainer_single_process(tmp_path):
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
 
 
-def test_trainer_two_processes_with_default_ddp_settings(tmp_path):
-    port = str(29600 + os.getpid() % 500)
+@pytest.mark.parametrize("coupling", ["sublayer", "bdia"])  # bdia: each rank draws its own gammas
+def test_trainer_two_processes_with_default_ddp_settings(tmp_path, coupling):
+    port = str(29600 + os.getpid() % 500 + (coupling == "bdia"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(SCRIPT), str(tmp_path)]
+           str(SCRIPT), str(tmp_path), coupling]
     result = run(cmd, tmp_path)
     assert result["world_size"] == 2
     # Trainer's default for a model without gradient checkpointing: the setting that breaks nested-backward engines.

@@ -1,9 +1,11 @@
 """TRL's SFTTrainer fine-tunes a saved revformer model the way users run it: padded, packed (padding-free rows of
-several examples, longer than the model's context) and padding-free, at max_length = max_position_embeddings."""
+several examples, longer than the model's context) and padding-free, at max_length = max_position_embeddings, with
+the default coupling and with bdia (what convert.py makes)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,17 +22,20 @@ CONTEXT = 64
 @pytest.fixture(scope="module")
 def texts():
     """Lines of this file's source of mixed lengths, some longer than the context (in bytes = tokens)."""
-    source = open(__file__).read()
+    source = Path(__file__).read_text()
     rng = torch.Generator().manual_seed(0)
     starts = torch.randint(0, len(source) - 120, (64,), generator=rng).tolist()
     lengths = torch.randint(12, 110, (64,), generator=rng).tolist()
     return [source[s : s + n] for s, n in zip(starts, lengths, strict=True)]
 
 
-@pytest.fixture
-def saved_model(tmp_path, byte_tokenizer):
+@pytest.fixture(params=["sublayer"])
+def saved_model(request, tmp_path, byte_tokenizer):
+    """A saved model with the coupling `request.param`: sublayer, or bdia on fixed-point streams (convert.py's)."""
     torch.manual_seed(0)
-    model = RevformerForCausalLM(tiny_config(vocab_size=len(byte_tokenizer), max_position_embeddings=CONTEXT))
+    bdia = dict(coupling="bdia", stream_dtype="fixed_point", bdia_gamma=1 / 16) if request.param == "bdia" else {}
+    model = RevformerForCausalLM(tiny_config(vocab_size=len(byte_tokenizer), max_position_embeddings=CONTEXT,
+                                             **bdia))
     model.save_pretrained(tmp_path / "model")
     byte_tokenizer.save_pretrained(tmp_path / "model")
     return tmp_path / "model"
@@ -47,6 +52,7 @@ def sft(saved_model, tokenizer, texts, tmp_path, **options):
     return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+@pytest.mark.parametrize("saved_model", ["sublayer", "bdia"], indirect=True)
 @pytest.mark.parametrize("mode", ["padded", "packing", "padding_free"])
 def test_sft_trainer_trains_at_the_models_context(saved_model, byte_tokenizer, texts, tmp_path, mode):
     if mode == "padded":

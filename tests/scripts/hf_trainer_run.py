@@ -1,7 +1,9 @@
 """Train RevformerForCausalLM with transformers' own Trainer, default DDP settings; used by tests/test_hf_trainer.py.
 
-    python tests/scripts/hf_trainer_run.py OUT_DIR
-    torchrun --nproc_per_node 2 tests/scripts/hf_trainer_run.py OUT_DIR
+    python tests/scripts/hf_trainer_run.py OUT_DIR [COUPLING]
+    torchrun --nproc_per_node 2 tests/scripts/hf_trainer_run.py OUT_DIR [COUPLING]
+
+COUPLING: sublayer (default) or bdia (on fixed-point streams, as convert.py makes it).
 """
 
 import json
@@ -13,10 +15,11 @@ from transformers import Trainer, TrainingArguments
 
 from revformer import RevformerConfig, RevformerForCausalLM
 
-out_dir = sys.argv[1]
+out_dir, coupling = sys.argv[1], (sys.argv[2:] or ["sublayer"])[0]
 torch.manual_seed(0)
+bdia = dict(coupling="bdia", stream_dtype="fixed_point", bdia_gamma=1 / 16) if coupling == "bdia" else {}
 config = RevformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, max_position_embeddings=64, hidden_dropout=0.1)
+                         num_attention_heads=4, max_position_embeddings=64, hidden_dropout=0.1, **bdia)
 model = RevformerForCausalLM(config)
 # A learnable stream: each row counts upward modulo 64 from a random start.
 starts = torch.randint(0, 64, (64, 1))
