@@ -3,10 +3,12 @@ training step of them.
 
 - ``revformer``: RevformerForCausalLM, reversible engine;
 - ``revformer_plain``: the same model with ``reversible=False`` (ordinary autograd);
+- ``revformer_mean``: revformer with ``stream_merge="mean"``, the default before ``newest`` (the ablations' base);
 - ``revformer_bdia``: revformer with the ``bdia`` coupling (gamma 1/16, fixed-point streams), reversible;
 - ``revformer_bdia_gamma64``: the same with gamma 1/64 (6 residue bits per stream element and layer);
-- ``revformer_merge_newest``, ``revformer_embed_one``, ``revformer_scaled_init``: ablations of revformer's
-  ``sublayer`` stack, one change each (`ABLATIONS`), for the depth-quality suite;
+- ``revformer_merge_newest``, ``revformer_merge_learned``, ``revformer_embed_one``, ``revformer_scaled_init``:
+  ablations of revformer's ``sublayer`` stack with the mean merge, one change each (`ABLATIONS`), for the
+  depth-quality suite;
 - ``llama`` / ``llama_ckpt``: Hugging Face LlamaForCausalLM (sdpa), without / with activation checkpointing;
 - ``reformer``: Hugging Face ReformerModelWithLMHead (causal; local attention, or LSH with ``attention="lsh"``).
 """
@@ -17,21 +19,26 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ABLATIONS = {  # model name -> the one change it makes to revformer's sublayer stack
+ABLATIONS = {  # model name -> the one change it makes to revformer's sublayer stack with the mean merge
     "revformer_merge_newest": "output: the newest stream y2 instead of the mean (y1 + y2) / 2",
+    "revformer_merge_learned": "output: w1 * y1 + w2 * y2, learned per channel from 0.5",
     "revformer_embed_one": "input: the embedding feeds one stream (x1 = 0, x2 = embedding; attention reads x2 first)",
     "revformer_scaled_init": "initialisation: o_proj and down_proj at std 0.02 / sqrt(2 * layers) (GPT-2's)",
 }
+MERGES = {"revformer_merge_newest": "newest", "revformer_merge_learned": "learned"}  # their `stream_merge`
 BDIA_GAMMAS = {"revformer_bdia": None, "revformer_bdia_gamma64": 2**-6}  # None: convert.py's (BDIA_GAMMA, 1/16)
-MODELS = ("revformer", "revformer_plain", *BDIA_GAMMAS, *ABLATIONS, "llama", "llama_ckpt", "reformer")
+MODELS = ("revformer", "revformer_plain", "revformer_mean", *BDIA_GAMMAS, *ABLATIONS, "llama", "llama_ckpt",
+          "reformer")
 # What the depth/length suites run unless told: the shipped model, its plain path and the baselines.
-DEFAULT_MODELS = tuple(m for m in MODELS if m not in BDIA_GAMMAS and m not in ABLATIONS)
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("revformer_mean", *BDIA_GAMMAS, *ABLATIONS))
 LABELS = {
     "revformer": "revformer (reversible)",
     "revformer_plain": "revformer (reversible=False)",
+    "revformer_mean": "revformer, mean merge (earlier default)",
     "revformer_bdia": "revformer, bdia coupling (gamma 1/16)",
     "revformer_bdia_gamma64": "revformer, bdia coupling (gamma 1/64)",
     "revformer_merge_newest": "revformer, merge: newest stream",
+    "revformer_merge_learned": "revformer, merge: learned",
     "revformer_embed_one": "revformer, embedding into one stream",
     "revformer_scaled_init": "revformer, scaled output init",
     "llama": "Llama",
@@ -39,8 +46,10 @@ LABELS = {
     "reformer": "HF Reformer (local)",
 }
 # Plot style per model (colour, marker, line): overlapping curves stay visible.
-STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "revformer_bdia": ("C5", "P", "-."),
+STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "revformer_mean": ("C0", "o", ":"),
+          "revformer_bdia": ("C5", "P", "-."),
           "revformer_bdia_gamma64": ("C6", "X", "-."), "revformer_merge_newest": ("C7", "<", ":"),
+          "revformer_merge_learned": ("C7", "h", "--"),
           "revformer_embed_one": ("C8", ">", ":"), "revformer_scaled_init": ("C9", "*", ":"),
           "llama": ("C2", "^", "-"),
           "llama_ckpt": ("C3", "v", "--"), "reformer": ("C4", "D", ":")}
@@ -103,6 +112,7 @@ def build_model(spec: Spec) -> Any:
         config = RevformerConfig(
             **common, intermediate_size=spec.intermediate_size, reversible=spec.model != "revformer_plain",
             **(bdia if spec.model in BDIA_GAMMAS else {}),
+            **({"stream_merge": MERGES.get(spec.model, "mean")} if spec.model in ("revformer_mean", *ABLATIONS) else {}),
             attention_layers=spec.attention, local_chunk_length=spec.attn_chunk, lsh_chunk_length=spec.attn_chunk,
             lsh_num_buckets=buckets, lsh_num_hashes=2, **{k: v for k, v in chunks.items() if v is not None},
         )  # fmt: skip
@@ -145,9 +155,9 @@ def ablate(model: Any, name: str) -> None:
     import torch
 
     stack = model.model
-    if name == "revformer_merge_newest":
-        stack.output_stream = types.MethodType(lambda self, x1, x2: self.coupling.decode(x2), stack)
-    elif name == "revformer_embed_one":
+    if name in MERGES:  # a config option (`stream_merge`), set at construction
+        return
+    if name == "revformer_embed_one":
         def input_streams(self: Any, embeds: Any) -> tuple[Any, Any]:
             x = self.coupling.encode(embeds)
             return torch.zeros_like(x), x

@@ -9,6 +9,7 @@ from transformers.modeling_rope_utils import RopeParameters
 ATTENTION_KINDS = ("full", "local", "lsh")
 STREAM_DTYPES = ("float32", "fixed_point")
 COUPLINGS = ("sublayer", "midpoint", "bdia")
+STREAM_MERGES = ("mean", "newest", "learned")
 
 
 @strict(accept_kwargs=True)
@@ -50,6 +51,12 @@ class RevformerConfig(PreTrainedConfig):
             model is its source until trained). The inverse divides by gamma, so reversible training wants
             `stream_dtype="fixed_point"`, where it is exact at the price of log2(1/bdia_gamma) bits per stream
             element per layer, kept packed beside the top streams.
+        stream_merge (`str`, defaults to `"newest"`): how the `sublayer` coupling's two top streams become the
+            hidden state: `newest` `y2` (the feed-forward's stream, which has read every attention output through
+            a feed-forward), `mean` `(y1 + y2) / 2` (the default before this option existed, which configs saved
+            without it keep), or `learned` `w1 * y1 + w2 * y2` with per-channel weights from 0.5. `newest` trains
+            best at every depth measured (docs/benchmarks.md, quality against depth). `midpoint` and `bdia` always
+            output their newest stream.
         bdia_gamma (`float`, defaults to 0.5): the magnitude of the `bdia` coupling's gamma, a power of two 2^-m
             (m in 1..8). 0.5 is the BDIA paper's value for training from scratch; `convert.py` uses 1/16, with which
             training runs a network close to the pretrained one (docs/conversion.md).
@@ -107,6 +114,7 @@ class RevformerConfig(PreTrainedConfig):
     stream_dtype: str = "float32"
     stream_fraction_bits: int = 32
     coupling: str = "sublayer"
+    stream_merge: str = "newest"
     midpoint_step: float = 2.0
     bdia_gamma: float = 0.5
     # What pretrained Llama-family models need (convert.py); as useful for models trained from scratch.
@@ -124,6 +132,8 @@ class RevformerConfig(PreTrainedConfig):
         `head_dim`, `num_key_value_heads`) follows and the whole config is validated, instead of being set on a
         built config and left inconsistent. A `rope_parameters` dict without `rope_theta` keeps the saved base."""
         config_dict = dict(config_dict)
+        # Saved before `stream_merge` existed: those models were trained with the mean of the two streams.
+        config_dict.setdefault("stream_merge", "mean")
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.__dataclass_fields__}
         saved_layers = config_dict.get("attention_layers")
         if "num_hidden_layers" in given and "attention_layers" not in given and isinstance(saved_layers, list):
@@ -201,6 +211,8 @@ class RevformerConfig(PreTrainedConfig):
             )
         if self.coupling not in COUPLINGS:
             raise ValueError(f"RevformerConfig.coupling must be one of {COUPLINGS}, got {self.coupling!r}.")
+        if self.stream_merge not in STREAM_MERGES:
+            raise ValueError(f"RevformerConfig.stream_merge must be one of {STREAM_MERGES}, got {self.stream_merge!r}.")
         if self.bdia_keep_bits is None:
             raise ValueError(
                 f"RevformerConfig.bdia_gamma must be a power of two 2^-m with m in 1..8 (0.5, 0.25, ...), so that "

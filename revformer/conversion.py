@@ -140,6 +140,7 @@ def revformer_config_from(
         # bdia's inverse divides by gamma: exact only on fixed-point streams.
         stream_dtype="fixed_point" if coupling == "bdia" else "float32",
         bdia_gamma=BDIA_GAMMA,
+        stream_merge="mean",  # sublayer: the arrangement docs/conversion.md measures
     )
     return RevformerConfig(**{**fields, **overrides})
 

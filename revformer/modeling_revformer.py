@@ -4,7 +4,8 @@ Read top to bottom: sublayers F (attention) and G (feed-forward), the two-stream
 
 The token embedding feeds both residual streams (x1 = x2 = embedding). With the default `sublayer` coupling each
 block updates them by `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)` (F attention, G feed-forward), which the reversible engine
-inverts in backward, and after the last block the streams are merged by their mean, `h = (y1 + y2) / 2`. With the
+inverts in backward, and after the last block the newest stream is the hidden state, `h = y2` (`stream_merge`: or
+the mean `(y1 + y2) / 2`, or a learned per-channel mix). With the
 `midpoint` coupling every layer is a whole pre-norm Transformer block `f_l(p) = A(p) + M(p + A(p))` and the layers
 alternate between the streams, `p[l+1] = p[l-1] + c_l f_l(p[l])`: the engine sees pairs of layers as its F and G,
 and the newest stream is the output. The `bdia` coupling pairs whole blocks the same way, joined by
@@ -77,6 +78,19 @@ class RevformerRMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(self.weight.dtype)
+
+
+class RevformerStreamMerge(nn.Module):
+    """`stream_merge="learned"`: the hidden state `w1 * y1 + w2 * y2` of the top streams, per-channel weights from
+    0.5 (the mean)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.weight1 = nn.Parameter(torch.full((hidden_size,), 0.5))
+        self.weight2 = nn.Parameter(torch.full((hidden_size,), 0.5))
+
+    def forward(self, y1: Tensor, y2: Tensor) -> Tensor:
+        return self.weight1 * y1 + self.weight2 * y2
 
 
 class RevformerRotaryEmbedding(nn.Module):
@@ -616,6 +630,9 @@ class RevformerPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RevformerRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, RevformerStreamMerge):
+            init.constant_(module.weight1, 0.5)
+            init.constant_(module.weight2, 0.5)
         elif isinstance(module, RevformerRotaryEmbedding):
             inv_freq, _ = module.compute_inv_freq(module.config)
             init.copy_(module.inv_freq, inv_freq)
@@ -631,6 +648,8 @@ class RevformerModel(RevformerPreTrainedModel):
         layer = {"sublayer": RevformerBlock, "midpoint": RevformerMidpointLayer, "bdia": RevformerBDIALayer}
         self.layers = nn.ModuleList(layer[config.coupling](config, i) for i in range(config.num_hidden_layers))
         self.no_update = _NoUpdate()
+        learned = config.coupling == "sublayer" and config.stream_merge == "learned"
+        self.stream_merge = RevformerStreamMerge(config.hidden_size) if learned else None
         self.norm = RevformerRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RevformerRotaryEmbedding(config)
         self.coupling = make_coupling(config.stream_dtype, config.stream_fraction_bits, config.bdia_keep_bits)
@@ -663,12 +682,16 @@ class RevformerModel(RevformerPreTrainedModel):
         return x, x
 
     def output_stream(self, x1: Tensor, x2: Tensor) -> Tensor:
-        """The stack's hidden state from the top streams: their mean (`sublayer`), or the newest (`midpoint`,
-        `bdia`)."""
+        """The stack's hidden state from the top streams: as `config.stream_merge` says (`sublayer`), or the newest
+        stream (`midpoint`, `bdia`)."""
         decode = self.coupling.decode
-        if self.config.coupling == "sublayer":
-            return (decode(x1) + decode(x2)) / 2
-        return decode(x2 if len(self.layers) % 2 == 0 else x1)
+        if self.config.coupling != "sublayer":
+            return decode(x2 if len(self.layers) % 2 == 0 else x1)
+        if self.stream_merge is not None:
+            return self.stream_merge(decode(x1), decode(x2))
+        if self.config.stream_merge == "newest":
+            return decode(x2)
+        return (decode(x1) + decode(x2)) / 2
 
     def uses_randomness(self) -> bool:
         """Whether a forward pass draws random numbers (dropout, LSH rotations) that a re-run must replay."""
@@ -820,7 +843,7 @@ class RevformerModel(RevformerPreTrainedModel):
                     cache=cache, coupling=self.coupling, attentions=attentions,
                 )  # fmt: skip
                 if output_hidden_states:
-                    hidden_states.append((decode(x1) + decode(x2)) / 2)
+                    hidden_states.append(self.output_stream(x1, x2))
 
         hidden = self.norm(self.output_stream(x1, x2))
         output = BaseModelOutputWithPast(

@@ -33,6 +33,7 @@ def model():
         (dict(stream_dtype="int8"), "stream_dtype must be one of"),
         (dict(coupling="bdia", bdia_gamma=0.3), "bdia_gamma must be a power of two"),
         (dict(coupling="leapfrog"), "coupling must be one of"),
+        (dict(stream_merge="sum"), "stream_merge must be one of"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, message):

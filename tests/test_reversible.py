@@ -176,3 +176,43 @@ def test_bdia_gradients_match_plain_autograd(stream_dtype, tolerance):
     loss_a = gradients(model, ids, reversible=True, seed=0)[0]
     loss_b = gradients(model, ids, reversible=True, seed=5)[0]
     assert not torch.allclose(loss_a, loss_b)
+
+
+@pytest.mark.parametrize("stream_merge", ["mean", "newest", "learned"])
+def test_each_stream_merge_matches_plain_autograd(stream_merge):
+    torch.manual_seed(0)
+    model = RevformerForCausalLM(tiny_config(num_hidden_layers=5, stream_merge=stream_merge)).train()
+    if stream_merge == "learned":  # weights away from their initial mean, so that a wrong merge shows
+        with torch.no_grad():
+            model.model.stream_merge.weight1.uniform_(-1.0, 1.0)
+            model.model.stream_merge.weight2.uniform_(-1.0, 1.0)
+    ids = torch.randint(0, 128, (2, 24))
+    errors = assert_same_gradients(model, ids, tolerance=1e-5)
+    assert ("model.stream_merge.weight1" in errors) == (stream_merge == "learned")
+
+
+def test_stream_merges_are_the_mean_the_newest_and_the_learned_mix_of_the_top_streams():
+    """With the same weights: learned (0.5, 0.5) is the mean, (0, 1) the newest stream y2, and (1, 0) gives
+    y1 = 2 * mean - y2; every hidden state (after each block and the last) follows the merge."""
+    torch.manual_seed(0)
+    models = {m: RevformerForCausalLM(tiny_config(num_hidden_layers=3, stream_merge=m)).eval()
+              for m in ("mean", "newest", "learned")}
+    for model in models.values():
+        model.load_state_dict(models["mean"].state_dict(), strict=False)
+    ids = torch.randint(0, 128, (2, 12))
+
+    def hidden(name, w1=None, w2=None):
+        model = models[name]
+        if w1 is not None:
+            with torch.no_grad():
+                model.model.stream_merge.weight1.fill_(w1)
+                model.model.stream_merge.weight2.fill_(w2)
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        return torch.stack(out.hidden_states[1:]), out.hidden_states[-1]
+
+    mean, newest = hidden("mean"), hidden("newest")
+    assert relative_error(mean[0], newest[0]) > 1e-2  # the streams differ, so the test can tell the merges apart
+    torch.testing.assert_close(hidden("learned", 0.5, 0.5)[0], mean[0])
+    torch.testing.assert_close(hidden("learned", 0.0, 1.0)[0], newest[0])
+    torch.testing.assert_close(hidden("learned", 1.0, 0.0)[0], 2 * mean[0] - newest[0], rtol=1e-5, atol=1e-5)

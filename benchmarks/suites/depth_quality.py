@@ -33,7 +33,10 @@ from ..report import model_style, pyplot, read_records, save_figure
 from ..runner import Runner
 
 OUT = RESULTS / "depth_quality"
-ARCHS = ("revformer", "llama")
+# The ablations' base: revformer with the mean merge, the default when they ran (its sweep and main runs are kept
+# under this name); they found the newest-stream merge, now the default.
+ABLATION_BASE = "revformer_mean"
+SWEPT = ("revformer", "llama", ABLATION_BASE)  # swept and trained by `run`
 
 
 @dataclass
@@ -144,24 +147,29 @@ def render(out: Path) -> str:
         f"Machine: {env.get('cpu') or env.get('device_name', '?')}, torch {env.get('torch')}, transformers "
         f"{env.get('transformers')}, one thread per run. Reproduce: `python scripts/benchmark_depth_quality.py`.",
         "",
-        "| layers | params | Llama bpb (lr) | revformer bpb (lr) | revformer vs Llama | reconstruction error | "
-        "run time Llama / revformer |",
-        "|---|---|---|---|---|---|---|",
+        "| layers | params | Llama bpb (lr) | revformer bpb (lr) | revformer vs Llama | mean merge (earlier default) "
+        "bpb (lr) | mean merge vs Llama | reconstruction error | run time Llama / revformer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for d in depths:
         llama = main.get(("llama", d, lrs.get(("llama", d))))
         rev = main.get(("revformer", d, lrs.get(("revformer", d))))
+        mean = main.get((ABLATION_BASE, d, lrs.get((ABLATION_BASE, d))))
         if not llama and not rev:
             continue
 
         def cell(r: dict[str, Any] | None) -> str:
             return f"{r['val_bpb']:.4f} ({r['lr']:g})" if r else "running"
 
-        gap = pct(rev["val_bpb"], llama["val_bpb"]) if llama and rev else ""
+        def gap_of(r: dict[str, Any] | None) -> str:
+            return pct(r["val_bpb"], llama["val_bpb"]) if llama and r else ""
+
+        gap = gap_of(rev)
         recon = f"{rev['reconstruction_error']:.2e}" if rev and rev.get("reconstruction_error") is not None else ""
         params = f"{(llama or rev)['params'] / 1e6:.2f}M"
         times = " / ".join(f"{r['train_s'] / 60:.0f} min" if r else "-" for r in (llama, rev))
-        lines.append(f"| {d} | {params} | {cell(llama)} | {cell(rev)} | {gap} | {recon} | {times} |")
+        lines.append(f"| {d} | {params} | {cell(llama)} | {cell(rev)} | {gap} | {cell(mean) if mean else ''} | "
+                     f"{gap_of(mean)} | {recon} | {times} |")
     plain = [r for (m, _, _), r in main.items() if m == "revformer_plain"]
     for r in plain:
         d = r["spec"]["num_layers"]
@@ -173,7 +181,7 @@ def render(out: Path) -> str:
               "| layers | model | " + " | ".join(f"lr {lr:g}" for lr in s["lrs"]) + " |",
               "|---|---|" + "---|" * len(s["lrs"])]
     for d in depths:
-        for m in ARCHS:
+        for m in SWEPT:
             cells = [f"{sweep[(m, d, lr)]['val_bpb']:.4f}" if (m, d, lr) in sweep else "" for lr in s["lrs"]]
             if any(cells):
                 lines.append(f"| {d} | {m} | " + " | ".join(cells) + " |")
@@ -198,13 +206,17 @@ def render(out: Path) -> str:
             bpb, base = (bpb_at(r, stop) if r else None), (bpb_at(llama, stop) if llama else None)
             return f"| {name} | {change} | {at(r)} | {pct(bpb, base) if bpb and base else ''} |"
 
-        for m in ARCHS:
+        for m in (ABLATION_BASE, "llama", "revformer"):
             r = main.get((m, d, lrs.get((m, d))))
             if r:
                 lines.append(row(f"{m} main run", f"lr {r['lr']:g} (swept)", r))
-        for (m, _, lr), r in sorted(ablations.items(), key=lambda kv: (kv[0][0] != "revformer", kv[0])):
-            change = f"lr {lr:g}" if m == "revformer" else f"{ABLATIONS[m]}, lr {lr:g}"
+        for (m, layers, lr), r in sorted(done(out, "bdia").items()):
+            if layers == d:
+                lines.append(row(f"{m} run", f"{LABELS[m].split(', ', 1)[1]}, lr {lr:g}", r))
+        for (m, _, lr), r in sorted(ablations.items(), key=lambda kv: (kv[0][0] != ABLATION_BASE, kv[0])):
+            change = f"lr {lr:g}" if m == ABLATION_BASE else f"{ABLATIONS[m]}, lr {lr:g}"
             lines.append(row(f"{m} ablation", change, r))
+        lines += ["", "![ablations](ablations.png)"]
     bdia = done(out, "bdia")
     if bdia:
         lines += ["", "The bdia coupling from scratch (fixed-point streams; a Llama block stack out of training): "
@@ -253,10 +265,37 @@ def plot(out: Path) -> None:
     save_figure(fig, out / "depth_quality.png")
 
 
+def plot_ablations(out: Path) -> None:
+    """The ablated depth's curves up to the ablations' stop: the main and bdia runs and every ablation."""
+    ablations = done(out, "ablation")
+    if not ablations:
+        return
+    first = next(iter(ablations.values()))
+    stop, d = first["stopped_at"], first["spec"]["num_layers"]
+    full = {**done(out, "main"), **done(out, "bdia")}
+    runs = [r for (_, layers, _), r in full.items() if layers == d] + list(ablations.values())
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
+    rate_markers = iter("osDv")
+    for r in runs:
+        m, tokens = r["spec"]["model"], r["spec"]["batch_size"] * r["spec"]["seq_len"]
+        points = [(step * tokens / 1e6, bpb) for step, bpb in r["val_bpb_curve"] if step <= stop]
+        style = model_style(m)
+        if m == ABLATION_BASE:  # the rate runs of one model: one colour, a marker per rate
+            style["marker"] = next(rate_markers)
+        ax.plot(*zip(*points), **{**style, "markersize": 4, "label": f"{LABELS[m]}, lr {r['lr']:g}"})
+    ax.set_title(f"{d} layers: ablations, first {stop} steps")
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("validation bpb (curve sample)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, out / "ablations.png")
+
+
 def report(out: Path) -> str:
     text = render(out)
     (out / "README.md").write_text(text)
     plot(out)
+    plot_ablations(out)
     return text
 
 
@@ -269,7 +308,7 @@ def ablation_reference(out: Path, sizes: Sizes) -> dict[str, Any] | None:
     """The deepest revformer run with the lowest bpb at `ablation_steps`: its main run or a rate ablation."""
     d, stop = sizes.ablation_depth, sizes.ablation_steps
     runs = [r for (m, layers, _), r in [*done(out, "main").items(), *done(out, "ablation").items()]
-            if m == "revformer" and layers == d and bpb_at(r, stop) is not None]
+            if m == ABLATION_BASE and layers == d and bpb_at(r, stop) is not None]
     return min(runs, key=lambda r: bpb_at(r, stop), default=None)
 
 
@@ -277,7 +316,7 @@ def ablate(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
     """The hypotheses, one controlled run each on the deepest revformer's schedule, stopped at `ablation_steps`:
     the learning rate (the other swept rates), then each structural change at the best of those rates."""
     depth = sizes.ablation_depth
-    jobs = [(spec(sizes, "revformer", depth), lr) for lr in sizes.ablation_lrs]
+    jobs = [(spec(sizes, ABLATION_BASE, depth), lr) for lr in sizes.ablation_lrs]
     run_phase(runner, out, "ablation", jobs, sizes.steps, sizes.val_blocks, sizes, workers, sizes.ablation_steps)
     reference = ablation_reference(out, sizes)
     if reference is None:
@@ -327,13 +366,13 @@ def main(argv: list[str]) -> None:
         PHASES[args.command](runner, args.out, sizes, args.jobs)
         print(report(args.out))
         return
-    sweep_jobs = [(spec(sizes, m, d), lr) for d in sizes.depths for m in ARCHS for lr in sizes.lrs]
+    sweep_jobs = [(spec(sizes, m, d), lr) for d in sizes.depths for m in SWEPT for lr in sizes.lrs]
     run_phase(runner, args.out, "sweep", sweep_jobs, sizes.sweep_steps, sizes.sweep_val_blocks, sizes, args.jobs)
     lrs = best_lrs(args.out)
-    missing = [k for k in ((m, d) for d in sizes.depths for m in ARCHS) if k not in lrs]
+    missing = [k for k in ((m, d) for d in sizes.depths for m in SWEPT) if k not in lrs]
     if missing:
         raise SystemExit(f"the sweep left no result for {missing}; see {args.out / 'sweep.jsonl'}")
-    main_jobs = [(spec(sizes, m, d), lrs[(m, d)]) for d in sizes.depths for m in ARCHS]
+    main_jobs = [(spec(sizes, m, d), lrs[(m, d)]) for d in sizes.depths for m in SWEPT]
     main_jobs.append((spec(sizes, "revformer_plain", sizes.plain_depth), lrs[("revformer", sizes.plain_depth)]))
     run_phase(runner, args.out, "main", main_jobs, sizes.steps, sizes.val_blocks, sizes, args.jobs)
     print(report(args.out))

@@ -31,6 +31,7 @@ MEMORY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "revformer_no_chunking": ("revformer", {"chunk": 0}),
     "revformer_ff_chunks_only": ("revformer", {"loss_chunk": 0}),
     "revformer_loss_chunks_only": ("revformer", {"ff_chunk": 0}),
+    "revformer_bdia": ("revformer_bdia", {}),  # only when asked for (--models): not in DEFAULT_MODELS
     "llama": ("llama", {}),
     "llama_ckpt": ("llama_ckpt", {}),
     "reformer": ("reformer", {}),
@@ -38,6 +39,7 @@ MEMORY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 MEMORY_LABELS = {
     "revformer": "revformer, default config", "revformer_no_chunking": "revformer, no chunking",
     "revformer_ff_chunks_only": "revformer, FF chunks only", "revformer_loss_chunks_only": "revformer, loss chunks only",
+    "revformer_bdia": "revformer, bdia coupling (gamma 1/16, fixed-point streams)",
     "llama": "Llama", "llama_ckpt": "Llama + checkpointing", "reformer": "HF Reformer (local, FF chunks)",
 }
 
