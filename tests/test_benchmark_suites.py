@@ -121,8 +121,8 @@ def test_depth_quality_tiny(tmp_path: Path) -> None:
     run_benchmark("benchmark_depth_quality.py", "--tiny", "--jobs", "2", "--out", str(tmp_path))
     sweep = read_jsonl(tmp_path / "sweep.jsonl")
     main = {r["spec"]["model"]: r for r in read_jsonl(tmp_path / "main.jsonl")}
-    assert len(sweep) == 4 and all(r["ok"] and r["val_bpb"] > 0 for r in sweep)
-    assert set(main) == {"revformer", "llama", "revformer_plain"}
+    assert len(sweep) == 6 and all(r["ok"] and r["val_bpb"] > 0 for r in sweep)  # 3 models x 2 rates
+    assert set(main) == {"revformer", "llama", "revformer_mean", "revformer_plain"}
     assert all(r["ok"] and r["val_bpb"] > 0 and r["spec"]["num_layers"] == 1 for r in main.values())
     assert main["revformer"]["params"] == main["llama"]["params"]  # equal parameter counts by construction
     assert main["revformer"]["reconstruction_error"] is not None and main["llama"]["reconstruction_error"] is None
@@ -132,14 +132,14 @@ def test_depth_quality_tiny(tmp_path: Path) -> None:
     run_benchmark("benchmark_depth_quality.py", "ablate", "--tiny", "--out", str(tmp_path))
     ablations = {(r["spec"]["model"], r["lr"]): r for r in read_jsonl(tmp_path / "ablation.jsonl")}
     rate, *structural = ablations  # the rate ablation first, then each structural change at the best rate so far
-    assert rate == ("revformer", 1e-3) and {m for m, _ in structural} == set(ABLATIONS)
-    best = min([main["revformer"], ablations[rate]], key=lambda r: r["val_bpb_curve"][0][1])
+    assert rate == ("revformer_mean", 1e-3) and {m for m, _ in structural} == set(ABLATIONS)
+    best = min([main["revformer_mean"], ablations[rate]], key=lambda r: r["val_bpb_curve"][0][1])
     assert {lr for _, lr in structural} == {best["lr"]}
     for r in ablations.values():
         assert r["ok"] and r["stopped_at"] == 2 and r["steps"] == 4  # the main runs' schedule
         assert [step for step, _ in r["val_bpb_curve"]] == [2] and r["reconstruction_error"] < 1e-4
     readme = (tmp_path / "README.md").read_text()
-    assert "| revformer ablation | lr 0.001 |" in readme and f"| revformer_embed_one ablation | {ABLATIONS['revformer_embed_one']}" in readme
+    assert "| revformer_mean ablation | lr 0.001 |" in readme and f"| revformer_embed_one ablation | {ABLATIONS['revformer_embed_one']}" in readme
     run_benchmark("benchmark_depth_quality.py", "bdia", "--tiny", "--out", str(tmp_path))
     bdia = {r["spec"]["model"]: r for r in read_jsonl(tmp_path / "bdia.jsonl")}
     assert set(bdia) == {"revformer_bdia", "revformer_bdia_gamma64"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -339,3 +340,18 @@ def test_from_pretrained_overrides_rederive_and_validate(tmp_path):
         RevformerConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=4)
     assert RevformerConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=4,
                                            attention_layers=["local", "lsh"] * 2).num_hidden_layers == 4
+
+
+def test_a_config_saved_before_stream_merge_loads_with_the_mean_it_was_trained_with(tmp_path):
+    torch.manual_seed(0)
+    model = RevformerForCausalLM(tiny_config(stream_merge="mean")).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["stream_merge"] == "mean"
+    del saved["stream_merge"]  # what a folder written before the option looks like
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.stream_merge == "mean" and RevformerConfig().stream_merge == "newest"
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

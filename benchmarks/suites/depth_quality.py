@@ -1,19 +1,25 @@
 """Quality against depth: revformer (reversible) and a Llama of equal parameters on the same tokens, at several depths.
 
-Usage: python scripts/benchmark_depth_quality.py [--tiny] [--jobs 2] [--out DIR] [report]
+Usage: python scripts/benchmark_depth_quality.py [--tiny] [--jobs 2] [--out DIR] [run|ablate|bdia|seed|report]
 
-Both models have the same width, depth, heads, SwiGLU width, byte vocabulary and tied embeddings; their parameter
-counts are equal (printed per run). For each depth and architecture the learning rate is picked on a short sweep
-(`sweep_steps`, validation bpb on an evenly spaced sample of the validation split), then the best one trains for
-`steps` steps, logging validation bpb every `eval_every` steps on `curve_blocks` blocks and scoring the whole
-validation split at the end. revformer's plain path (`reversible=False`) trains once at `plain_depth` with
-revformer's learning rate as a check that the reversible engine changes nothing. The reversible runs report the
-reconstruction error of their trained weights (float32 streams; 0 would mean bit-exact).
+The models have the same width, depth, heads, SwiGLU width, byte vocabulary and tied embeddings; their parameter
+counts are equal (printed per run). `run` sweeps and trains revformer as shipped, Llama, and revformer with the mean
+merge (`revformer_mean`, the default before, the ablations' base): for each depth and model the learning rate is
+picked on a short sweep (`sweep_steps`, validation bpb on an evenly spaced sample of the validation split), then
+the best one trains for `steps` steps, logging validation bpb every `eval_every` steps on the split's first
+`curve_blocks` blocks and scoring the whole validation split at the end. revformer's plain path
+(`reversible=False`) trains once at `plain_depth` with revformer's learning rate as a check that the reversible
+engine changes nothing. The reversible runs report the reconstruction error of their trained weights (float32
+streams; 0 would mean bit-exact).
+
+`ablate`: one controlled run per hypothesis on the deepest mean-merge model, stopped at `ablation_steps` on the
+main runs' schedule (the learning rate, then each of benchmarks.models.ABLATIONS at the best rate). `bdia`: the bdia
+coupling from scratch at Llama's rates. `seed`: Llama's deepest main run again with another seed.
 
 Data: the stdlib byte corpus of `revformer.data` (files held out by hash for validation), the quality suite of
 benchmark.py. Every run is a fresh process (`python -m benchmarks.worker`), `--jobs` of them at once, one thread each.
-Results are appended run by run to `benchmarks/results/depth_quality/{sweep,main}.jsonl`, so a stopped sweep
-resumes where it stopped; README.md and depth_quality.png are re-rendered after every run.
+Results are appended run by run to `benchmarks/results/depth_quality/<phase>.jsonl`, so a stopped sweep resumes
+where it stopped; README.md, depth_quality.png and ablations.png are re-rendered after every run.
 """
 
 from __future__ import annotations
