@@ -1,7 +1,7 @@
 """The memory options in combination with every parallel mode: 1 process, DDP and FSDP2 (2 CPU processes, gloo).
 
 Two sweeps. The first calls the model directly: for a grid of configurations (chunked feed-forward, chunked loss,
-`full`/`local`/`lsh` layers, dropout, fixed-point streams, every coupling, the options of converted Llama-family
+`full`/`local`/`lsh` layers, dropout, fixed-point streams, every coupling and stream merge, the options of converted Llama-family
 models, reversible or plain) both ranks run the same batch under
 the same seed, so DDP's and FSDP2's averaged gradients must equal one unsharded backward. The second trains through
 the real scripts with every option on at once plus gradient accumulation, and compares the final weights.
@@ -27,9 +27,10 @@ GRID = {
     "chunked_full": dict(attention_layers="full"),
     "chunked_local_lsh_dropout": dict(attention_layers=["local", "lsh", "full"], hidden_dropout=0.1,
                                       attention_dropout=0.1),
-    "chunked_fixed_point": dict(attention_layers=["lsh", "local", "full"], stream_dtype="fixed_point"),
+    "chunked_fixed_point": dict(attention_layers=["lsh", "local", "full"], stream_dtype="fixed_point",
+                                stream_merge="learned"),  # a parameter after the stack
     "unchunked_reference": dict(attention_layers=["local", "lsh", "full"], chunk_size_feed_forward=0,
-                                loss_chunk_size=0),
+                                loss_chunk_size=0, stream_merge="mean"),
     # What converted Llama-family models bring, with both couplings and every kernel.
     "llama_options_sublayer": dict(attention_layers=["local", "lsh", "full"], num_key_value_heads=2, head_dim=12,
                                    qkv_bias=True, qk_norm=True, tie_word_embeddings=False, hidden_dropout=0.1),
