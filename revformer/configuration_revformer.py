@@ -54,9 +54,9 @@ class RevformerConfig(PreTrainedConfig):
         stream_merge (`str`, defaults to `"newest"`): how the `sublayer` coupling's two top streams become the
             hidden state: `newest` `y2` (the feed-forward's stream, which has read every attention output through
             a feed-forward), `mean` `(y1 + y2) / 2` (the default before this option existed, which configs saved
-            without it keep), or `learned` `w1 * y1 + w2 * y2` with per-channel weights from 0.5. `newest` trains
-            best at every depth measured (docs/benchmarks.md, quality against depth). `midpoint` and `bdia` always
-            output their newest stream.
+            without it keep), or `learned` `w1 * y1 + w2 * y2` with per-channel weights from 0.5. `newest` learned
+            faster than `mean` at 4, 12 and 24 layers, and than `learned` at 24 (docs/benchmarks.md, quality
+            against depth). `midpoint` and `bdia` always output their newest stream.
         bdia_gamma (`float`, defaults to 0.5): the magnitude of the `bdia` coupling's gamma, a power of two 2^-m
             (m in 1..8). 0.5 is the BDIA paper's value for training from scratch; `convert.py` uses 1/16, with which
             training runs a network close to the pretrained one (docs/conversion.md).

@@ -311,7 +311,8 @@ def bpb_at(record: dict[str, Any], step: int) -> float | None:
 
 
 def ablation_reference(out: Path, sizes: Sizes) -> dict[str, Any] | None:
-    """The deepest revformer run with the lowest bpb at `ablation_steps`: its main run or a rate ablation."""
+    """The ablations' base at `ablation_depth` with the lowest bpb at `ablation_steps`: its main run or a rate
+    ablation."""
     d, stop = sizes.ablation_depth, sizes.ablation_steps
     runs = [r for (m, layers, _), r in [*done(out, "main").items(), *done(out, "ablation").items()]
             if m == ABLATION_BASE and layers == d and bpb_at(r, stop) is not None]
@@ -319,14 +320,16 @@ def ablation_reference(out: Path, sizes: Sizes) -> dict[str, Any] | None:
 
 
 def ablate(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
-    """The hypotheses, one controlled run each on the deepest revformer's schedule, stopped at `ablation_steps`:
-    the learning rate (the other swept rates), then each structural change at the best of those rates."""
+    """The hypotheses, one controlled run each on the mean-merge model at `ablation_depth` and its main run's
+    schedule, stopped at `ablation_steps`: the learning rate (the other swept rates), then each structural change
+    at the best of those rates."""
     depth = sizes.ablation_depth
     jobs = [(spec(sizes, ABLATION_BASE, depth), lr) for lr in sizes.ablation_lrs]
     run_phase(runner, out, "ablation", jobs, sizes.steps, sizes.val_blocks, sizes, workers, sizes.ablation_steps)
     reference = ablation_reference(out, sizes)
     if reference is None:
-        raise SystemExit(f"no revformer run at {depth} layers reached step {sizes.ablation_steps}; run the main runs")
+        raise SystemExit(f"no {ABLATION_BASE} run at {depth} layers reached step {sizes.ablation_steps}; run the "
+                         "main runs first (the `run` command)")
     jobs = [(spec(sizes, m, depth), reference["lr"]) for m in sizes.ablation_models]
     run_phase(runner, out, "ablation", jobs, sizes.steps, sizes.val_blocks, sizes, workers, sizes.ablation_steps)
 
