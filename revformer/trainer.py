@@ -880,14 +880,18 @@ def finish(s: Session) -> Path:
         save_model_folder(accelerator, s.model, s.tokenizer, run, final, s.metrics)
         if accelerator.is_main_process:
             (final / "eval_results.json").write_text(json.dumps({"step": s.step, **s.metrics}, indent=2))
-            if run.train.push_to_hub:
-                error = push_with_retries(final, run, f"revformer: {s.step} steps, bpb {s.metrics['eval/bpb']:.4f}")
-                if error is not None:
-                    print(f"warning: the final push to {run.train.hub_model_id} failed ({type(error).__name__}: "
-                          f"{error}). The model folder {final} is complete; push it later with\n"
-                          f"  huggingface-cli upload {run.train.hub_model_id} {final} . --repo-type model",
-                          file=sys.stderr)
+    # Every rank reaches the teardown together: a gloo rank that destroyed the process group while its peer was
+    # still writing the folder was seen to abort (SIGABRT) after a complete run.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    if s.step >= run.train.max_steps and accelerator.is_main_process and run.train.push_to_hub:
+        # After the teardown: an upload needs no process group, and no other rank waits on it.
+        error = push_with_retries(final, run, f"revformer: {s.step} steps, bpb {s.metrics['eval/bpb']:.4f}")
+        if error is not None:
+            print(f"warning: the final push to {run.train.hub_model_id} failed ({type(error).__name__}: "
+                  f"{error}). The model folder {final} is complete; push it later with\n"
+                  f"  huggingface-cli upload {run.train.hub_model_id} {final} . --repo-type model",
+                  file=sys.stderr)
     return final
 
 
