@@ -38,3 +38,8 @@ if trainer.is_world_process_zero():
               open(f"{out_dir}/result.json", "w"))
 # Every rank saves its weights: DDP must have kept them identical.
 torch.save(model.state_dict(), f"{out_dir}/weights_rank{args.process_index}.pt")
+# Every rank meets, then the process group goes down before exit: a gloo rank exiting with it alive, or tearing
+# it down while its peer still runs, was seen to abort (SIGABRT) after a complete run.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
