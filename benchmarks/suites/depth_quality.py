@@ -256,19 +256,27 @@ def plot(out: Path) -> None:
         return
     fig, axes = pyplot().subplots(1, len(depths), figsize=(4.2 * len(depths), 3.6), squeeze=False)
     for ax, d in zip(axes[0], depths, strict=True):
-        for (m, layers, lr), r in sorted(main.items()):
-            if layers != d:
-                continue
-            tokens = r["spec"]["batch_size"] * r["spec"]["seq_len"]
-            xs = [step * tokens / 1e6 for step, _ in r["val_bpb_curve"]]
-            ys = [bpb for _, bpb in r["val_bpb_curve"]]
-            ax.plot(xs, ys, **{**model_style(m), "markersize": 4, "label": f"{LABELS[m]}, lr {lr:g}"})
-        ax.set_title(f"{d} layers")
-        ax.set_xlabel("training tokens (M)")
-        ax.set_ylabel("validation bpb (curve sample)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        for (m, layers, _), r in sorted(main.items()):
+            if layers == d:
+                draw_curve(ax, r, model_style(m))
+        label_axes(ax, f"{d} layers")
     save_figure(fig, out / "depth_quality.png")
+
+
+def draw_curve(ax: Any, record: dict[str, Any], style: dict[str, Any], until: int | None = None) -> None:
+    """One run's validation curve against training tokens, up to step `until` (all of it by default)."""
+    tokens = record["spec"]["batch_size"] * record["spec"]["seq_len"]
+    points = [(step * tokens / 1e6, bpb) for step, bpb in record["val_bpb_curve"] if until is None or step <= until]
+    label = f"{LABELS[record['spec']['model']]}, lr {record['lr']:g}"
+    ax.plot(*zip(*points), **{**style, "markersize": 4, "label": label})
+
+
+def label_axes(ax: Any, title: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("validation bpb (curve sample)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_ablations(out: Path) -> None:
@@ -283,17 +291,11 @@ def plot_ablations(out: Path) -> None:
     fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     rate_markers = iter("osDv")
     for r in runs:
-        m, tokens = r["spec"]["model"], r["spec"]["batch_size"] * r["spec"]["seq_len"]
-        points = [(step * tokens / 1e6, bpb) for step, bpb in r["val_bpb_curve"] if step <= stop]
-        style = model_style(m)
-        if m == ABLATION_BASE:  # the rate runs of one model: one colour, a marker per rate
+        style = model_style(r["spec"]["model"])
+        if r["spec"]["model"] == ABLATION_BASE:  # the rate runs of one model: one colour, a marker per rate
             style["marker"] = next(rate_markers)
-        ax.plot(*zip(*points), **{**style, "markersize": 4, "label": f"{LABELS[m]}, lr {r['lr']:g}"})
-    ax.set_title(f"{d} layers: ablations, first {stop} steps")
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("validation bpb (curve sample)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        draw_curve(ax, r, style, until=stop)
+    label_axes(ax, f"{d} layers: ablations, first {stop} steps")
     save_figure(fig, out / "ablations.png")
 
 
