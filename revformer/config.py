@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .configuration_revformer import RevformerConfig
-from .data import DataConfig, DataError, check_block_size
+from .corpus import DataConfig, DataError, check_block_size
 
 
 class ConfigError(ValueError):

@@ -112,7 +112,7 @@ def check_block_size(block_size: int, max_position_embeddings: int | None) -> No
 
 
 
-def _fingerprint(*parts: Any) -> str:
+def fingerprint(*parts: Any) -> str:
     """Stable digest of JSON-able parts (never Python's per-process ``hash``)."""
     blob = json.dumps([_CACHE_VERSION, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -274,7 +274,7 @@ def _held_out_files(root: Path, files: list[str], fraction: float) -> list[str] 
 
 
 @contextlib.contextmanager
-def _data_errors(what: str) -> Iterator[None]:
+def data_errors(what: str) -> Iterator[None]:
     """Turn ``datasets`` generation failures into one ``DataError`` naming ``what``."""
     try:
         yield
@@ -341,14 +341,14 @@ def _text_files(
         return IterableDataset.from_generator(_read_documents, gen_kwargs=gen_kwargs)
     # Size and mtime make edited files invalidate the cache; the file order is the doc order.
     stats = [(f, *_size_and_mtime(root / f)) for f in files]
-    with _data_errors(what):
+    with data_errors(what):
         return Dataset.from_generator(
             _read_documents,
             features=Features({"text": Value("string")}),
             gen_kwargs=gen_kwargs,
             cache_dir=cfg.cache_dir,
             num_proc=min(cfg.num_proc, len(files)) if cfg.num_proc > 1 else None,
-            fingerprint=_fingerprint("files", str(root), stats, strict, inside),
+            fingerprint=fingerprint("files", str(root), stats, strict, inside),
         )
 
 
@@ -426,7 +426,7 @@ def _load_local(cfg: DataConfig) -> tuple[Texts, Texts]:
         for files in split_files.values():
             for p in files:
                 _check_utf8(p)
-    with _data_errors(str(path)):
+    with data_errors(str(path)):
         loaded = load_dataset(
             builder,
             data_files={k: [str(p) for p in v] for k, v in split_files.items()},
@@ -505,7 +505,7 @@ def _holdout(ds: Texts, cfg: DataConfig, validation: bool) -> Texts:
         batched=True,
         fn_kwargs=fn_kwargs,
         num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-        new_fingerprint=_fingerprint("holdout", ds._fingerprint, fn_kwargs),
+        new_fingerprint=fingerprint("holdout", ds._fingerprint, fn_kwargs),
     )
 
 
@@ -581,7 +581,7 @@ def load_test_texts(cfg: DataConfig, split: str | None = None) -> Texts:
     root = path if path.is_dir() else path.parent
     if builders == {"text"}:
         return _text_files(root, [p.relative_to(root).as_posix() for p in files], cfg, True, None, str(path))
-    with _data_errors(str(path)):
+    with data_errors(str(path)):
         texts = load_dataset(builders.pop(), data_files={"test": [str(p) for p in files]}, split="test",
                              cache_dir=cfg.cache_dir, streaming=cfg.streaming)
     return _select_text(texts, cfg, "test")

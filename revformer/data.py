@@ -27,9 +27,9 @@ from .corpus import (
     DataError,
     DataPathError,
     Texts,
-    _data_errors,
-    _fingerprint,
     check_block_size,
+    data_errors,
+    fingerprint,
     is_held_out,
     load_test_texts,
     load_text_splits,
@@ -55,7 +55,7 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     spec.pop("truncation", None)
     spec.pop("padding", None)
-    return _fingerprint(spec, tokenizer.eos_token_id)
+    return fingerprint(spec, tokenizer.eos_token_id)
 
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray | None:
@@ -203,20 +203,20 @@ def pack_texts(
     docs = texts.map(
         _tokenize_batch,
         num_proc=min(num_proc, len(texts)) if num_proc > 1 else None,
-        new_fingerprint=_fingerprint("tokenize", texts._fingerprint, _tokenizer_fingerprint(tokenizer), with_bytes),
+        new_fingerprint=fingerprint("tokenize", texts._fingerprint, _tokenizer_fingerprint(tokenizer), with_bytes),
         desc="Tokenizing",
         **map_kwargs,
     )
     num_tokens = pc.sum(pc.list_value_length(docs.data.column("input_ids"))).as_py() or 0
     if num_tokens < block_size:
         raise DataError(_too_small_message(num_tokens, block_size))
-    with _data_errors("tokenized documents"):
+    with data_errors("tokenized documents"):
         return Dataset.from_generator(
             _pack_blocks,
             features=Features(block_columns),
             gen_kwargs={"docs": docs, **gen_kwargs},
             cache_dir=cache_dir,
-            fingerprint=_fingerprint("pack", docs._fingerprint, gen_kwargs),
+            fingerprint=fingerprint("pack", docs._fingerprint, gen_kwargs),
             writer_batch_size=max(1, 2**22 // block_size),  # bound memory for very long blocks
         )
 

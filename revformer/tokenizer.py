@@ -17,7 +17,7 @@ from datasets import Dataset, IterableDataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from revformer.data import DataConfig, DataError, _fingerprint, load_text_splits
+from revformer.corpus import DataConfig, DataError, fingerprint, load_text_splits
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0..2 for trained BPE, 256..258 for bytes
@@ -144,7 +144,7 @@ def get_tokenizer(
     if source is None:
         source = [cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.validation_split,
                   cfg.validation_fraction, cfg.text_column, cfg.max_train_documents]
-    key = _fingerprint("bpe", source, cfg.vocab_size, cfg.tokenizer_train_max_bytes, tokenizers.__version__)
+    key = fingerprint("bpe", source, cfg.vocab_size, cfg.tokenizer_train_max_bytes, tokenizers.__version__)
     cache_root = Path(cfg.cache_dir or datasets.config.HF_DATASETS_CACHE) / "revformer_tokenizers"
     target = cache_root / key
     if not (target / "tokenizer.json").exists():

@@ -5,7 +5,8 @@ periodic blocks (log, evaluate, checkpoint), and `finish()` (final evaluation of
 model folder, the Hub). Distribution, mixed precision, gradient accumulation, tracking and checkpoints live here;
 the model is single-device code. A run is resumable exactly: model, optimizer, scheduler, RNG and data position
 (in any epoch, streamed or not). A non-finite loss or gradient stops the run before the update is applied, and
-only finite states are ever checkpointed.
+only finite states are ever checkpointed. SIGTERM or SIGINT (a preemption) checkpoints at the next step and stops; a
+tracker whose service process the preemption stopped too is dropped with a one-line warning, never ending the run.
 """
 
 from __future__ import annotations
@@ -171,6 +172,50 @@ def configure_tracking(run: RunConfig) -> str | None:
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     return "wandb"
+
+
+def log_metrics(accelerator: Accelerator, values: dict[str, Any], step: int) -> None:
+    """`accelerator.log`, except that trackers whose service process is gone are dropped instead of ending the run.
+
+    A scheduler that preempts a job sends SIGTERM to all of its processes, wandb's service among them, while the
+    trainer still has to reach the next step and checkpoint. accelerate logs to all trackers in one call, so a lost
+    connection drops them all (a run has at most one: wandb).
+    """
+    try:
+        accelerator.log(values, step=step)
+    except ConnectionError as err:
+        for tracker in list(accelerator.trackers):
+            drop_lost_tracker(accelerator, tracker, err)
+
+
+def end_training(accelerator: Accelerator) -> None:
+    """`accelerator.end_training()` (finish the trackers, then tear the process group down), where a tracker whose
+    service process is gone is dropped with a one-line warning rather than a traceback."""
+    for tracker in list(accelerator.trackers):
+        try:
+            tracker.finish()
+        except ConnectionError as err:
+            drop_lost_tracker(accelerator, tracker, err)
+    accelerator.trackers.clear()  # each is finished or dropped; what remains of end_training is the teardown
+    accelerator.end_training()
+
+
+def drop_lost_tracker(accelerator: Accelerator, tracker: Any, err: ConnectionError) -> None:
+    """Forget a tracker that lost its service process, saying so in one line.
+
+    For wandb this also releases the service connection, whose exit-time teardown would otherwise print a
+    traceback of the same lost connection. What the service wrote before it ended stays where it is.
+    """
+    accelerator.trackers.remove(tracker)
+    print(f"warning: the {tracker.name} tracker lost its service process ({type(err).__name__}: {err}); it is "
+          "closed, and nothing more is logged to it.", file=sys.stderr)
+    if tracker.name == "wandb":
+        import wandb
+
+        try:
+            wandb.teardown()
+        except ConnectionError:
+            pass  # the same lost connection; wandb has unhooked its exit-time teardown before it raised
 
 
 def launched_on_cpu_processes() -> bool:
@@ -794,7 +839,7 @@ def log_window(s: Session, window: dict[str, Any], grad_norm: float, progress: t
     }
     progress.set_postfix(loss=f"{logs['train/loss']:.3f}", lr=f"{logs['train/lr']:.2e}",
                          tok_s=f"{logs['train/tokens_per_s']:.0f}")
-    accelerator.log(logs, step=s.step)
+    log_metrics(accelerator, logs, s.step)
 
 
 def train(run: RunConfig) -> Path:
@@ -827,23 +872,23 @@ def train(run: RunConfig) -> Path:
                 # How exactly backward rebuilds the first layer's input (0.0 with fixed-point streams).
                 with torch.no_grad(), accelerator.autocast():
                     error = accelerator.unwrap_model(s.model).model.reconstruction_error(s.last_batch["input_ids"][:1])
-                accelerator.log({"train/reconstruction_error": error}, step=s.step)
+                log_metrics(accelerator, {"train/reconstruction_error": error}, s.step)
             if s.step % run.train.eval_every == 0 and s.step < run.train.max_steps:
                 s.metrics = evaluate_during_training(s)
-                accelerator.log(s.metrics, step=s.step)
+                log_metrics(accelerator, s.metrics, s.step)
                 progress.write(f"step {s.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in s.metrics.items()))
             stop_now = bool(accelerator.reduce(torch.tensor(float(s.stop.requested), device=accelerator.device), "sum"))
             if s.step % run.train.checkpoint_every == 0 or stop_now or (s.step == stop_at < run.train.max_steps):
-                checkpoint(s)
+                saved = checkpoint(s)
             if stop_now:
-                accelerator.print(f"Stopped on request at step {s.step}; resume with "
+                accelerator.print(f"Stopped on request at step {s.step}: saved the checkpoint {saved}; resume with "
                                   "--train.resume_from_checkpoint latest.")
                 break
     except NonFiniteError as err:
         progress.close()
         if s.pushes is not None:
             s.pushes.finish()
-        accelerator.end_training()
+        end_training(accelerator)
         raise NonFiniteLossError(non_finite_message(err, s)) from None
     progress.close()
     return finish(s)
@@ -872,10 +917,10 @@ def finish(s: Session) -> Path:
     if s.step >= run.train.max_steps:
         local_bad = torch.tensor(float(not parameters_finite(s.model)), device=accelerator.device)
         if accelerator.reduce(local_bad, "sum").item() > 0:
-            accelerator.end_training()
+            end_training(accelerator)
             raise NonFiniteLossError(non_finite_message(NonFiniteError("parameters", s.step), s))
         s.metrics = final_evaluation(s)
-        accelerator.log(s.metrics, step=s.step)
+        log_metrics(accelerator, s.metrics, s.step)
         accelerator.print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in s.metrics.items()))
         save_model_folder(accelerator, s.model, s.tokenizer, run, final, s.metrics)
         if accelerator.is_main_process:
@@ -883,7 +928,7 @@ def finish(s: Session) -> Path:
     # Every rank reaches the teardown together: a gloo rank that destroyed the process group while its peer was
     # still writing the folder was seen to abort (SIGABRT) after a complete run.
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_training(accelerator)
     if s.step >= run.train.max_steps and accelerator.is_main_process and run.train.push_to_hub:
         # After the teardown: an upload needs no process group, and no other rank waits on it.
         error = push_with_retries(final, run, f"revformer: {s.step} steps, bpb {s.metrics['eval/bpb']:.4f}")

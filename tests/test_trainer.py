@@ -179,16 +179,110 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_exact(workdir, uninterrupted
     while not (out / "train_config.yaml").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)  # as a cluster does when it preempts a job
-    _, stderr = proc.communicate(timeout=300)
+    stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     checkpoints = sorted((out / "checkpoints").glob("step_*"))
     assert len(checkpoints) == 1 and int(checkpoints[0].name.split("_")[1]) < 16, checkpoints
+    assert f"at step {int(checkpoints[0].name.split('_')[1])}: saved the checkpoint {checkpoints[0]};" in stdout
     assert not (out / "model").exists()
     launch("pretrain.py", workdir, "--config", "tiny.yaml", "--train.output_dir", str(out),
            "--train.resume_from_checkpoint", "latest")
     resumed, full = weights(out), weights(uninterrupted)
     for name in full:
         assert torch.equal(resumed[name], full[name]), name
+
+
+def alive(process) -> bool:
+    """Whether a psutil process still runs (an exited child that its parent has not reaped yet does not)."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def preempted_run(work: Path, out: Path, *args: str, script: str | None = None, preempt: bool = True
+                  ) -> tuple[str, str, Path]:
+    """Start a tiny run and, with `preempt`, SIGTERM it once training is set up, as a scheduler's preemption does;
+    it must end cleanly. Returns (stdout, stderr, the one checkpoint it wrote). With wandb (`args`), the service
+    process is stopped first."""
+    import psutil
+
+    cmd = [sys.executable, script or str(ROOT / "scripts" / "pretrain.py"), "--config", "tiny.yaml",
+           "--train.output_dir", str(out), "--train.max_steps", "100000", "--train.checkpoint_every", "100000", *args]
+    proc = subprocess.Popen(cmd, cwd=work, env=env(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "train_config.yaml").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    if preempt:
+        # The scheduler signals every process of the job. wandb's service process (wandb-core) has its own session,
+        # so it is signalled by pid; it goes first, so the trainer finds it gone at the latest when it ends wandb.
+        services = psutil.Process(proc.pid).children(recursive=True)
+        for service in services:
+            service.terminate()
+        while any(alive(service) for service in services):
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    checkpoints = sorted((out / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1, checkpoints
+    return stdout, stderr, checkpoints[0]
+
+
+@slow
+def test_preemption_that_stops_the_wandb_service_too_ends_cleanly_and_names_the_checkpoint(tmp_path):
+    work = make_workdir(tmp_path)
+    out = work / "out"
+    # No logging before the stop (log_every is past the end): the lost service is met where the run ends wandb.
+    stdout, stderr, saved = preempted_run(work, out, "--train.report_to", "wandb", "--train.log_every", "100000")
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1  # wandb was running (offline) before the stop
+    step = json.loads((saved / "trainer_state.json").read_text())["step"]
+    assert f"Stopped on request at step {step}: saved the checkpoint {saved};" in stdout
+    lost = [line for line in stderr.splitlines() if "lost its service process" in line]
+    expected = ("warning: the wandb tracker lost its service process (ConnectionResetError: Connection lost); it is "
+                "closed, and nothing more is logged to it.")
+    assert lost == [expected], stderr[-3000:]
+    assert "Exception ignored" not in stderr  # wandb's exit-time teardown does not report the lost connection
+
+
+LOST_TRACKER = '''
+import os, signal
+from accelerate.tracking import GeneralTracker
+import revformer.trainer as trainer
+
+
+class LostServiceTracker(GeneralTracker):
+    """A tracker whose service process a preemption stops with the trainer: the SIGTERM (sent here, at the first
+    log) comes while the trainer logs, and every call finds the connection gone, as wandb's do then."""
+
+    name = "lost_service"
+    requires_logging_directory = False
+    tracker = None
+
+    def log(self, values, step=None, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise ConnectionResetError("Connection lost")
+
+    def finish(self):
+        raise ConnectionResetError("Connection lost")
+
+
+trainer.configure_tracking = lambda run: [LostServiceTracker()]
+trainer.main()
+'''
+
+
+@slow
+def test_a_tracker_lost_mid_run_neither_ends_the_run_nor_costs_the_checkpoint(tmp_path):
+    work = make_workdir(tmp_path)
+    (work / "lost_tracker_run.py").write_text(LOST_TRACKER)
+    stdout, stderr, saved = preempted_run(work, work / "out", "--train.log_every", "1",
+                                          script=str(work / "lost_tracker_run.py"), preempt=False)
+    assert saved.name == "step_0000001"  # the step whose log met the lost service
+    assert f"Stopped on request at step 1: saved the checkpoint {saved};" in stdout
+    assert stderr.count("lost its service process") == 1, stderr[-3000:]  # dropped at once; never finished
 
 
 @slow
