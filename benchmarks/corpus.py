@@ -5,19 +5,24 @@ The corpus is the project's own pipeline (`revformer.data`: stdlib sources, byte
 held out by hash), and bits per byte is `revformer.data.bits_per_byte`. The summed cross-entropy is taken from the
 batch-mean loss of each batch of blocks rather than from `revformer.trainer.evaluate`, which restarts positions at
 every document (data.document_attention) and would change the figures already recorded.
+
+Training follows revformer.trainer's learning-rate schedule (`lr_lambda`: linear warm-up over 5% of the steps, at
+least one, then cosine decay to 10%) with AdamW (0.9, 0.95), weight decay 0.1 and gradients clipped at norm 1.0, one
+batch of blocks per step. The optimizer is built here (`build_optimizer`): it decays every parameter and is fused,
+as when the recorded figures were measured, where `revformer.trainer.build_optimizer` exempts norms, biases and
+embeddings from weight decay and uses torch's default (unfused) AdamW.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .env import environment
-from .models import Spec, autocast, build_model, make_optimizer, param_stats, train_step
+from .models import Spec, autocast, build_model, param_stats, train_step
 from .probes import setup_worker
 from .runner import emit
 
@@ -88,15 +93,34 @@ def evaluate_bpb(model: Any, corpus: Corpus, spec: Spec, blocks: int | None = No
 
 
 def reconstruction_error(model: Any, corpus: Corpus, spec: Spec) -> float | None:
-    """max |x - x'| of the trained reversible model on 8 validation blocks (None for other models; bdia in
-    training mode, the only one in which it is invertible)."""
+    """max |x - x'| of the trained reversible model on 8 validation blocks (None for other models); in evaluation
+    mode where its coupling is invertible there, else (bdia) in training mode."""
     if not spec.model.startswith("revformer") or not model.config.reversible:
         return None
-    model.train(model.config.coupling == "bdia")
+    model.train(not model.model.coupling.invertible(False))
     with autocast(spec.device, spec.dtype):
         error = model.model.reconstruction_error(corpus.val[:8].to(spec.device))
     model.train()
     return error
+
+
+def training_run(steps: int, lr: float) -> Any:
+    """The trainer's run configuration of one training worker: `steps` optimizer steps at peak learning rate `lr`,
+    5% warm-up (at least one step), cosine decay to 10%, AdamW (0.9, 0.95), weight decay 0.1, clipping at 1.0."""
+    from revformer.config import DataConfig, RunConfig, TrainConfig
+
+    train = TrainConfig(max_steps=steps, learning_rate=lr, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1,
+                        weight_decay=0.1, adam_betas=[0.9, 0.95], max_grad_norm=1.0)
+    return RunConfig(model={}, data=DataConfig(), train=train)
+
+
+def build_optimizer(model: Any, run: Any) -> Any:
+    """AdamW at `run`'s learning rate, betas and weight decay, the decay on every parameter, fused (one kernel per
+    step)."""
+    import torch
+
+    return torch.optim.AdamW(model.parameters(), lr=run.train.learning_rate, betas=tuple(run.train.adam_betas),
+                             weight_decay=run.train.weight_decay, fused=True)
 
 
 def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks: int, data: str,
@@ -107,32 +131,29 @@ def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks:
     schedule, so its curve is comparable point by point with a full run's."""
     import torch
 
+    from revformer.trainer import lr_lambda
+
     setup_worker(spec)
     corpus = load_corpus(data, spec.seq_len, spec.seed, val_blocks)
     spec = spec.replace(vocab_size=corpus.vocab_size)
     model = build_model(spec)
-    optimizer = make_optimizer(model, lr=lr, weight_decay=0.1)
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    run = training_run(steps, lr)
+    optimizer = build_optimizer(model, run)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
     curve_blocks = min(curve_blocks, len(corpus.val))
     losses, val_curve = [], []
     start = time.perf_counter()
     for step in range(stop_after or steps):
         ids = corpus.train(step, spec.batch_size).to(spec.device)
-        losses.append(train_step(model, optimizer, ids, spec.device, spec.dtype, clip=1.0))
+        losses.append(train_step(model, optimizer, ids, spec.device, spec.dtype, clip=run.train.max_grad_norm))
         scheduler.step()
         if (step + 1) % eval_every == 0 or step + 1 == (stop_after or steps):
             val_curve.append([step + 1, evaluate_bpb(model, corpus, spec, curve_blocks)])
     train_s = time.perf_counter() - start
     emit({"mode": "train", "spec": dataclasses.asdict(spec), **environment(spec.device, spec.threads),
           **param_stats(model), "ok": True, "data": corpus.source, "steps": steps, "lr": lr,
-          "stopped_at": stop_after or steps, "tokens": (stop_after or steps) * spec.batch_size * spec.seq_len, "train_s": train_s, "train_losses": losses,
+          "stopped_at": stop_after or steps, "tokens": (stop_after or steps) * spec.batch_size * spec.seq_len,
+          "train_s": train_s, "train_losses": losses,
           "val_bpb_curve": val_curve, "val_curve_blocks": curve_blocks, "val_blocks": len(corpus.val),
           "val_bytes": sum(corpus.val_bytes), "val_bpb": evaluate_bpb(model, corpus, spec),
           "reconstruction_error": reconstruction_error(model, corpus, spec)})

@@ -41,7 +41,7 @@ def environment(device: str, threads: int, fields: tuple[str, ...] = FIELDS) -> 
 
 
 def device_tag(device: str) -> str:
-    """Results folder name of `scripts/benchmark.py`: `cpu`, or `cuda-<gpu name>`."""
+    """Results folder name of the compare suite: `cpu`, or `cuda-<gpu name>`."""
     if not device.startswith("cuda"):
         return "cpu"
     return "cuda-" + gpu_slug()

@@ -3,11 +3,12 @@ training step of them.
 
 - ``revformer``: RevformerForCausalLM, reversible engine;
 - ``revformer_plain``: the same model with ``reversible=False`` (ordinary autograd);
-- ``revformer_mean``: revformer with ``stream_merge="mean"``, the default before ``newest`` (the ablations' base);
+- ``revformer_mean``: revformer whose hidden state is the mean of its two top streams (``topologies.MeanMerge``;
+  the ablations' base);
 - ``revformer_bdia``: revformer with the ``bdia`` coupling (gamma 1/16, fixed-point streams), reversible;
 - ``revformer_bdia_gamma64``: the same with gamma 1/64 (6 residue bits per stream element and layer);
 - ``revformer_merge_newest``, ``revformer_merge_learned``, ``revformer_embed_one``, ``revformer_scaled_init``:
-  ablations of revformer's ``sublayer`` stack with the mean merge, one change each (`ABLATIONS`), for the
+  ablations of ``revformer_mean``, one change each (`ABLATIONS`, built from ``benchmarks.topologies``), for the
   depth-quality suite;
 - ``llama`` / ``llama_ckpt``: Hugging Face LlamaForCausalLM (sdpa), without / with activation checkpointing;
 - ``reformer``: Hugging Face ReformerModelWithLMHead (causal; local attention, or LSH with ``attention="lsh"``).
@@ -19,13 +20,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ABLATIONS = {  # model name -> the one change it makes to revformer's sublayer stack with the mean merge
+ABLATIONS = {  # model name -> the one change it makes to revformer_mean (the sublayer stack with the mean merge)
     "revformer_merge_newest": "output: the newest stream y2 instead of the mean (y1 + y2) / 2",
     "revformer_merge_learned": "output: w1 * y1 + w2 * y2, learned per channel from 0.5",
     "revformer_embed_one": "input: the embedding feeds one stream (x1 = 0, x2 = embedding; attention reads x2 first)",
     "revformer_scaled_init": "initialisation: o_proj and down_proj at std 0.02 / sqrt(2 * layers) (GPT-2's)",
 }
-MERGES = {"revformer_merge_newest": "newest", "revformer_merge_learned": "learned"}  # their `stream_merge`
 BDIA_GAMMAS = {"revformer_bdia": None, "revformer_bdia_gamma64": 2**-6}  # None: convert.py's (BDIA_GAMMA, 1/16)
 MODELS = ("revformer", "revformer_plain", "revformer_mean", *BDIA_GAMMAS, *ABLATIONS, "llama", "llama_ckpt",
           "reformer")
@@ -109,16 +109,17 @@ def build_model(spec: Spec) -> Any:
                   "loss_chunk_size": spec.chunk if spec.loss_chunk is None else spec.loss_chunk}
         # revformer_bdia*: the coupling convert.py produces (a Llama block stack out of training), from scratch
         bdia = {"coupling": "bdia", "stream_dtype": "fixed_point", "bdia_gamma": BDIA_GAMMAS.get(spec.model) or BDIA_GAMMA}
+        from .topologies import topology
+
         config = RevformerConfig(
             **common, intermediate_size=spec.intermediate_size, reversible=spec.model != "revformer_plain",
             **(bdia if spec.model in BDIA_GAMMAS else {}),
-            **({"stream_merge": MERGES.get(spec.model, "mean")} if spec.model in ("revformer_mean", *ABLATIONS) else {}),
             attention_layers=spec.attention, local_chunk_length=spec.attn_chunk, lsh_chunk_length=spec.attn_chunk,
             lsh_num_buckets=buckets, lsh_num_hashes=2, **{k: v for k, v in chunks.items() if v is not None},
         )  # fmt: skip
-        model = RevformerForCausalLM(config)
-        if spec.model in ABLATIONS:
-            ablate(model, spec.model)
+        model = RevformerForCausalLM(config, coupling=topology(spec.model, spec.hidden_size))
+        if spec.model == "revformer_scaled_init":
+            scale_output_init(model)
     elif spec.model.startswith("llama"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -148,29 +149,16 @@ def build_model(spec: Spec) -> Any:
     return model.to(spec.device).train()
 
 
-def ablate(model: Any, name: str) -> None:
-    """Apply ablation `name` (a key of ABLATIONS) to a freshly initialised sublayer revformer, in place."""
-    import types
-
+def scale_output_init(model: Any) -> None:
+    """Re-draw every block's o_proj and down_proj weights at std initializer_range / sqrt(2 * layers) (GPT-2's
+    initialisation), in place, after the model's own initialisation."""
     import torch
 
-    stack = model.model
-    if name in MERGES:  # a config option (`stream_merge`), set at construction
-        return
-    if name == "revformer_embed_one":
-        def input_streams(self: Any, embeds: Any) -> tuple[Any, Any]:
-            x = self.coupling.encode(embeds)
-            return torch.zeros_like(x), x
-
-        stack.input_streams = types.MethodType(input_streams, stack)
-    elif name == "revformer_scaled_init":
-        std = model.config.initializer_range / (2 * model.config.num_hidden_layers) ** 0.5
-        with torch.no_grad():
-            for block in stack.layers:
-                block.attention.o_proj.weight.normal_(0.0, std)
-                block.feed_forward.down_proj.weight.normal_(0.0, std)
-    else:
-        raise ValueError(f"unknown ablation {name!r}; choose from {sorted(ABLATIONS)}")
+    std = model.config.initializer_range / (2 * model.config.num_hidden_layers) ** 0.5
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.attention.o_proj.weight.normal_(0.0, std)
+            block.feed_forward.down_proj.weight.normal_(0.0, std)
 
 
 def make_optimizer(model: Any, lr: float = 1e-4, weight_decay: float = 0.0) -> Any:

@@ -1,7 +1,7 @@
 """Entry point of every fresh measurement process: ``python -m benchmarks.worker '<json payload>'``.
 
 The payload's ``mode`` names the measurement; the worker prints its records as ``BENCH_RESULT <json>`` lines
-(`benchmarks.runner` collects them). ``scripts/benchmark.py _worker '<json>'`` runs the same function.
+(`benchmarks.runner` collects them).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 # mode -> "module:function" taking the payload; imported on demand, so a worker loads only what it measures.
 MODES = {
-    "memory": "benchmarks.probes:memory_main",  # peak memory of one step (benchmark.py suites)
-    "time": "benchmarks.probes:time_main",  # interleaved step times (benchmark.py suites)
+    "memory": "benchmarks.probes:memory_main",  # peak memory of one step (compare)
+    "time": "benchmarks.probes:time_main",  # interleaved step times (compare)
     "train": "benchmarks.corpus:train_main",  # train and score bpb (quality, depth_quality)
     "lsh_memory": "benchmarks.suites.lsh:memory_worker",
     "conversion_memory": "benchmarks.suites.conversion:memory_worker",

@@ -1,26 +1,29 @@
-"""Attention kernels for revformer (depends on torch only; shipped beside the Hub model code).
+"""Attention for revformer: the masking rules, the dense path and the linear-memory kernels (torch only; shipped
+beside the Hub model code).
 
-Every kernel has the same signature and is picked by name from ``ATTENTION_FUNCTIONS``::
+The rules. Attention is causal by key index, queries being the *last* Tq of the Tk keys (query i sits at key index
+Tk - Tq + i: Tq == Tk in training, Tq < Tk in cached generation). Padding keys are never seen; packed documents never
+see each other; ``local`` and ``lsh`` windows count real tokens only, so a left-padded row gives its unpadded
+result; the set of keys a query sees depends on earlier tokens only (``lsh`` included). A query row with no
+admissible key (a left-padding position) returns zeros, never NaN.
 
-    kernel(q, k, v, *, key_padding_mask, dropout_p, scale, config) -> Tensor
+Two ways to apply them:
+- dense (``dense_allowed`` builds the (Tq, Tk) mask, ``dense_attention`` runs any kernel with transformers'
+  attention-interface signature over it: ``eager_attention`` here, sdpa or flash from transformers). ``full``
+  layers always go this way; every layer does under the ``eager`` implementation, which returns probabilities.
+- linear memory, for ``local`` and ``lsh`` layers, picked by kind from ``ATTENTION_FUNCTIONS``::
 
-- ``q``: (B, H, Tq, D); ``k``, ``v``: (B, H, Tk, D) with Tk >= Tq. The queries are the *last* Tq
-  positions of the key sequence: query i sits at key index Tk - Tq + i (Tq == Tk in training,
-  Tq < Tk in cached generation).
-- ``key_padding_mask``: (B, Tk) bool, True = real token, or None.
-- Attention is causal by key index, and the set of keys a query sees depends on earlier tokens only
-  (``lsh`` included). Padding keys are never seen, and ``local`` / ``lsh`` windows count real tokens
-  only, so a left-padded row gives its unpadded result. A query row with no admissible key (e.g. a
-  left-padding position) returns zeros, never NaN. The result is (B, H, Tq, D) in q's dtype.
-- ``config``: any object with ``local_chunk_length``, ``local_num_chunks_before``,
-  ``lsh_num_buckets``, ``lsh_num_hashes`` and ``lsh_chunk_length``.
+      kernel(q, k, v, *, key_padding_mask, dropout_p, scale, config) -> Tensor
 
-Randomness (dropout, LSH rotations) is drawn from the default generator of q's device, so
-restoring the RNG state replays a call bit for bit (the reversible engine relies on this). With
-``dropout_p == 0`` the ``eager``, ``full`` and ``local`` kernels draw nothing; ``lsh`` draws only
-its rotations (none when ``lsh_num_buckets == 1`` or when fixed ``rotations`` are passed, as in eval mode).
+  ``q``: (B, H, Tq, D); ``k``, ``v``: (B, H, Tk, D); ``key_padding_mask``: (B, Tk) bool, True = real token, or
+  None; ``config``: any object with ``local_chunk_length``, ``local_num_chunks_before``, ``lsh_num_buckets``,
+  ``lsh_num_hashes`` and ``lsh_chunk_length``. The result is (B, H, Tq, D) in q's dtype. Packed documents go
+  through ``unpack_documents`` first, a row each.
 
-Non-SDPA kernels run the matmuls in the input dtype and the masking/softmax in at least fp32.
+Randomness (dropout, LSH rotations) is drawn from the default generator of q's device, so restoring the RNG state
+replays a call bit for bit (the reversible engine relies on this). With ``dropout_p == 0`` ``local`` draws nothing;
+``lsh`` draws only its rotations (none when ``lsh_num_buckets == 1`` or when fixed ``rotations`` are passed, as in
+eval mode). Non-SDPA kernels run the matmuls in the input dtype and the masking/softmax in at least fp32.
 """
 
 from __future__ import annotations
@@ -37,12 +40,21 @@ __all__ = [
     "ATTENTION_FUNCTIONS",
     "AttentionFunction",
     "LSH_SELF_MASK_VALUE",
+    "apply_rotary",
+    "attention_inputs",
+    "causal_allowed",
+    "dense_allowed",
+    "dense_attention",
     "eager_attention",
-    "full_attention",
     "local_attention",
     "lsh_attention",
     "lsh_buckets",
+    "linear_attention",
     "lsh_rotations",
+    "packed_documents",
+    "repeat_kv",
+    "same_document",
+    "unpack_documents",
 ]
 
 AttentionFunction = Callable[..., Tensor]
@@ -66,60 +78,253 @@ def _mask_value(x: Tensor) -> float:
     return torch.finfo(x.dtype).min
 
 
-def _positional_mask(t_q: int, t_k: int, key_padding_mask: Tensor | None, device: torch.device) -> Tensor:
-    """Causal (+ padding) mask aligned to the end of the key sequence: (B | 1, 1, Tq, Tk) bool."""
-    q_pos = torch.arange(t_k - t_q, t_k, device=device)
-    k_pos = torch.arange(t_k, device=device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, Tq, Tk)
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :].bool()
-    return allowed
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x` (B, H, T, D) by the angles whose cos/sin are (B, T, D)."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
-def _dense_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, H_kv, T, D) -> (B, H_kv * groups, T, D): each key/value head repeated for the query heads it serves."""
+    if groups == 1:
+        return x
+    batch, heads, t, dim = x.shape
+    return x[:, :, None].expand(batch, heads, groups, t, dim).reshape(batch, heads * groups, t, dim)
+
+
+# ------------------------------------------------------------------------------------------- the rules, densely
+
+
+def causal_allowed(t_q: int, t_k: int, device: torch.device) -> Tensor:
+    """(Tq, Tk) bool: query i (at key index Tk - Tq + i) may see keys j <= its own index."""
+    return torch.arange(t_k, device=device)[None, :] <= torch.arange(t_k - t_q, t_k, device=device)[:, None]
+
+
+def same_document(document_ids: Tensor | None, t_q: int) -> Tensor | None:
+    """(B, 1, Tq, Tk) bool: query and key lie in the same packed document; None without documents."""
+    if document_ids is None:
+        return None
+    return (document_ids[:, -t_q:, None] == document_ids[:, None, :])[:, None]
+
+
+def packed_documents(position_ids: Tensor) -> Tensor | None:
+    """(B, T) index of each token's document in a padding-free batch, where positions restart at every document;
+    None when every row holds one document."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    documents = (step != 1).cumsum(-1)
+    if not torch.compiler.is_compiling() and bool((documents[:, -1] == 0).all()):
+        return None
+    return documents
+
+
+def attention_inputs(
+    attention_mask: Tensor | None, position_ids: Tensor | None, batch: int, seq: int, past: int, cached: bool,
+    device: torch.device,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """What attention needs to know of the positions of a (B, T) input that follows `past` cached tokens: the
+    padding mask (B, past + T) bool (True = real token; None when nothing is padded), the position ids (B|1, T) and
+    the packed-document ids (B, T), or None.
+
+    `attention_mask` is a (B, past + T) padding mask, or a 4D causal mask (B, 1, Tq, Tk) as generate() builds for a
+    static cache: its last query row sees exactly the real keys so far, and the static cache's unfilled slots beyond
+    them are dropped. Without position ids, positions count real tokens, as generate() does: a left-padded row then
+    gets its unpadded positions (which `lsh` hashing depends on, not just relative offsets). Documents come from
+    position ids that restart (padding-free batches), only without padding and cache.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        last = attention_mask[:, 0, -1, :]
+        real = last if last.dtype == torch.bool else last == 0  # additive masks: 0 where allowed
+        attention_mask = real[:, : past + attention_mask.shape[-2]].long()
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    key_padding_mask = attention_mask.bool() if padded else None
+    document_ids = None
+    if position_ids is not None and past == 0 and not cached and key_padding_mask is None:
+        document_ids = packed_documents(position_ids.expand(batch, -1))
+    if position_ids is None and attention_mask is not None and attention_mask.shape == (batch, past + seq):
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+    if position_ids is None:
+        position_ids = torch.arange(past, past + seq, device=device).unsqueeze(0)
+    return key_padding_mask, position_ids, document_ids
+
+
+def dense_allowed(
+    kind: str,
+    t_q: int,
+    t_k: int,
     key_padding_mask: Tensor | None,
-    dropout_p: float,
-    scale: float,
-    self_mask_value: float | None,
+    document_ids: Tensor | None,
+    config: Any,
+    buckets: Tensor | None = None,
 ) -> Tensor:
-    """Explicit-score causal attention; optionally penalise each query's own key (LSH rule)."""
-    t_q, t_k = q.shape[-2], k.shape[-2]
-    allowed = _positional_mask(t_q, t_k, key_padding_mask, q.device)  # (B | 1, 1, Tq, Tk)
-    scores = _upcast((q * scale) @ k.transpose(-1, -2))  # (B, H, Tq, Tk); q pre-scaled against fp16 overflow
-    if self_mask_value is not None:
-        is_self = torch.arange(t_k, device=q.device) == torch.arange(t_k - t_q, t_k, device=q.device)[:, None]
-        scores = scores.masked_fill(is_self, self_mask_value)
-    scores = scores.masked_fill(~allowed, _mask_value(scores))
-    # Finite mask value + zeroing keeps fully masked rows at 0 (no NaN in values or gradients).
-    probs = scores.softmax(-1) * allowed.any(-1, keepdim=True)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
-    return (probs.to(v.dtype) @ v).to(q.dtype)
+    """Which keys each query sees under `kind`'s rule, as a dense (B|1, 1|H, Tq, Tk) bool mask.
+
+    The rules of the kernels below, written with (Tq, Tk) matrices for the dense paths (eager attention, which
+    materializes probabilities, and transformers' kernels for `full` layers): causal, padding never seen, and within
+    one packed document (document_ids (B, Tk)). `local`: windows of `local_chunk_length` real tokens of the
+    document, the query's chunk and `local_num_chunks_before` before it. `lsh` (buckets (B, H, R, Tk)): in some
+    round, a key of the query's bucket among its `lsh_chunk_length` most recent earlier same-bucket real tokens, or
+    the query itself.
+    """
+    device = next((t.device for t in (key_padding_mask, buckets, document_ids) if t is not None), torch.device("cpu"))
+    allowed = causal_allowed(t_q, t_k, device)[None, None]  # (1, 1, Tq, Tk)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :] & key_padding_mask[:, None, -t_q:, None]
+    same_doc = same_document(document_ids, t_q)
+    if same_doc is not None:
+        allowed = allowed & same_doc
+    if kind == "full":
+        return allowed
+    # Rank of each token among the real tokens of its document (and, for lsh, of its bucket) before it.
+    full_allowed = causal_allowed(t_k, t_k, device)[None, None]  # (1, 1, Tk, Tk)
+    if key_padding_mask is not None:
+        full_allowed = full_allowed & key_padding_mask[:, None, None, :]
+    if document_ids is not None:
+        full_allowed = full_allowed & same_document(document_ids, t_k)
+    if kind == "local":
+        rank = full_allowed.sum(-1) - 1  # (B|1, 1, Tk)
+        chunk, before = config.local_chunk_length, config.local_num_chunks_before
+        q_chunk = (rank[..., -t_q:] // chunk)[..., :, None]
+        return allowed & (rank[..., None, :] // chunk >= q_chunk - before)
+    if kind != "lsh" or buckets is None:
+        raise ValueError(f"dense_allowed: unknown kind {kind!r} (or lsh without buckets)")
+    same = buckets[..., :, None] == buckets[..., None, :]  # (B, H, R, Tk, Tk)
+    in_bucket = full_allowed.unsqueeze(2) & same
+    rank = in_bucket.sum(-1) - 1  # (B, H, R, Tk): same-bucket real tokens of the document before each token
+    window = (rank[..., -t_q:, None] - rank[..., None, :]) <= config.lsh_chunk_length
+    seen = (same[..., -t_q:, :] & window & allowed.unsqueeze(2)).any(2)  # union over the rounds
+    is_self = torch.arange(t_k, device=device) == torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    return seen | (allowed & is_self)  # a query always sees itself (scored low: it wins only when alone)
 
 
 def eager_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, dropout_p: float, scale: float, config: Any
-) -> Tensor:
-    """Naive reference: explicit (Tq, Tk) scores, causal + padding mask, softmax, dropout."""
-    return _dense_attention(q, k, v, key_padding_mask, dropout_p, scale, self_mask_value=None)
+    module: Any,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    self_score: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """Explicit-score attention with transformers' attention-interface signature: the `eager` implementation.
+
+    query (B, H, Tq, D), key/value (B, H_kv, Tk, D); attention_mask (B|1, 1|H, Tq, Tk) bool (True = may look) or
+    additive float, or None for causal attention with the queries at the end of the keys. `self_score` replaces each
+    query's score of its own key (the LSH rule). Returns the output (B, Tq, H, D) and the probabilities
+    (B, H, Tq, Tk), zero where a query cannot look (and for a query that sees nothing).
+    """
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves `groups` queries
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    t_q, t_k = query.shape[-2], key.shape[-2]
+    scores = _upcast((query * scaling) @ key.transpose(-1, -2))  # q pre-scaled against fp16 overflow
+    if self_score is not None:
+        is_self = torch.arange(t_k, device=query.device) == torch.arange(t_k - t_q, t_k, device=query.device)[:, None]
+        scores = scores.masked_fill(is_self, self_score)
+    if attention_mask is None:
+        attention_mask = causal_allowed(t_q, t_k, query.device)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, _mask_value(scores))
+        # Finite mask value + zeroing keeps a row that sees nothing at 0 (no NaN in values or gradients).
+        probs = scores.softmax(-1) * attention_mask.any(-1, keepdim=True)
+        probs = probs * attention_mask
+    else:
+        probs = (scores + attention_mask).softmax(-1)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0.0)
+    out = (probs.to(value.dtype) @ value).to(query.dtype)
+    return out.transpose(1, 2), probs.to(query.dtype)
 
 
-def full_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, dropout_p: float, scale: float, config: Any
-) -> Tensor:
-    """Exact causal attention through ``F.scaled_dot_product_attention`` (flash/mem-efficient on GPU)."""
+def dense_attention(
+    interface: AttentionFunction,
+    module: Any,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    kind: str,
+    key_padding_mask: Tensor | None,
+    document_ids: Tensor | None,
+    dropout_p: float,
+    scale: float,
+    config: Any,
+    rotations: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """`kind`'s rule applied densely: `interface` (a function with transformers' attention-interface signature:
+    `eager_attention`, sdpa, flash, ...) over the keys `dense_allowed` gives. Returns (B, Tq, H, D) and the
+    probabilities (None where the interface gives none).
+
+    q (B, H, Tq, D), k/v (B, H_kv, Tk, D). `lsh`: keys normalized, each query's own key scored low, buckets from
+    `rotations` (fresh ones from the RNG when None), as the kernel does. Plain causal `full` attention passes no mask
+    (the interface's own causal path). A query that sees nothing (left padding) would give NaN in some kernels: it
+    sees every key, then its output and probabilities are zeroed (`eager_attention` zeroes such rows itself, so the
+    probabilities it returns stay those its output is made of: on the loss's graph, for `retain_grad`).
+    """
     t_q, t_k = q.shape[-2], k.shape[-2]
-    if key_padding_mask is None and t_q == t_k:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
-    # is_causal aligns the diagonal top-left, so with a cache (Tq < Tk) or padding pass an explicit mask.
-    allowed = _positional_mask(t_q, t_k, key_padding_mask, q.device)  # (B | 1, 1, Tq, Tk)
-    row_ok = allowed.any(-1, keepdim=True)  # (B | 1, 1, Tq, 1)
-    # Fully masked rows would give NaN in some backends: let them see every key, then zero them.
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~row_ok, dropout_p=dropout_p, scale=scale)
-    return out.masked_fill(~row_ok, 0.0)
+    extra = {}
+    if kind == "lsh":
+        k = F.normalize(_upcast(k), dim=-1, eps=1e-6).to(k.dtype)
+        buckets = lsh_buckets(k, config.lsh_num_hashes, config.lsh_num_buckets, rotations)
+        allowed = dense_allowed("lsh", t_q, t_k, key_padding_mask, document_ids, config, buckets)
+        extra["self_score"] = LSH_SELF_MASK_VALUE
+    elif kind == "full" and key_padding_mask is None and document_ids is None and t_q == t_k:
+        allowed = None
+    else:
+        allowed = dense_allowed(kind, t_q, t_k, key_padding_mask, document_ids, config)
+    row_ok = None
+    if allowed is not None and key_padding_mask is not None and interface is not eager_attention:
+        row_ok = allowed.any(-1, keepdim=True)
+        allowed = allowed | ~row_ok
+    out, weights = interface(module, q, k, v, allowed, dropout=dropout_p, scaling=scale, **extra)
+    if row_ok is not None:
+        out = out * row_ok.squeeze(-1).transpose(1, 2).unsqueeze(-1).to(out.dtype)
+        if weights is not None:
+            weights = weights * row_ok.to(weights.dtype)
+    return out, weights
+
+
+def linear_attention(
+    kind: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None,
+    document_ids: Tensor | None,
+    dropout_p: float,
+    scale: float,
+    config: Any,
+    rotations: Tensor | None = None,
+) -> Tensor:
+    """`kind`'s linear-memory kernel (`local` or `lsh`): q (B, H, Tq, D), k/v (B, H_kv, Tk, D) -> (B, H, Tq, D).
+
+    Key/value heads are repeated for the query heads they serve; packed documents (`document_ids` (B, T)) are moved
+    into rows of their own (`unpack_documents`), so each attends exactly as if it were run alone. `rotations`: fixed
+    LSH rotations (eval mode); None draws fresh ones.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    kernel = ATTENTION_FUNCTIONS[kind]
+    call = dict(dropout_p=dropout_p, scale=scale, config=config)
+    if rotations is not None:
+        call["rotations"] = rotations
+    if document_ids is None:
+        return kernel(q, k, v, key_padding_mask=key_padding_mask, **call)
+    batch, heads, t, dim = q.shape
+    rows, real, back = unpack_documents(document_ids, key_padding_mask)
+
+    def unpack(x: Tensor) -> Tensor:  # (B, H, T, D) -> (B * n, H, L, D)
+        flat = x.transpose(0, 1).reshape(heads, batch * t, dim)
+        return flat[:, rows].permute(1, 0, 2, 3)
+
+    out = kernel(unpack(q), unpack(k), unpack(v), key_padding_mask=real, **call)  # (B * n, H, L, D)
+    out = out.permute(1, 0, 2, 3).reshape(heads, -1, dim)[:, back]  # (H, B * T, D)
+    return out.view(heads, batch, t, dim).transpose(0, 1)
+
+
+# ------------------------------------------------------------------------------- the linear-memory kernels
 
 
 def _rows(x: Tensor, idx: Tensor) -> Tensor:
@@ -269,11 +474,24 @@ def lsh_buckets(x: Tensor, n_hashes: int, n_buckets: int, rotations: Tensor | No
     return torch.cat(out, dim=-1)
 
 
+_FIXED_ROTATIONS: dict[tuple, Tensor | None] = {}  # made once per layer and device, reused by every eval forward
+
+
 def lsh_rotations(
     head_dim: int, n_hashes: int, n_buckets: int, seed: int, device: torch.device | str = "cpu"
 ) -> Tensor | None:
     """Fixed LSH rotations (head_dim, n_hashes, n_buckets // 2) from ``seed`` (a CPU generator, so the same on
     every device); None for one bucket. Used in eval mode and generation, where logits must be deterministic."""
+    key = (head_dim, n_hashes, n_buckets, seed, str(device))
+    if key not in _FIXED_ROTATIONS:
+        # A normal tensor even when first made under inference mode, since later forwards may differentiate.
+        with torch.inference_mode(False):
+            _FIXED_ROTATIONS[key] = _draw_rotations(head_dim, n_hashes, n_buckets, seed, device)
+    return _FIXED_ROTATIONS[key]
+
+
+def _draw_rotations(head_dim: int, n_hashes: int, n_buckets: int, seed: int, device: torch.device | str
+                    ) -> Tensor | None:
     if n_buckets == 1:
         return None
     generator = torch.Generator().manual_seed(seed)
@@ -473,9 +691,35 @@ def lsh_attention(
     return (weights * _upcast(out)).sum(dim=2).to(q.dtype)
 
 
+def unpack_documents(document_ids: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Index maps that move each packed document of (B, T) rows into a row of its own (B * n, L), and back, so that a
+    kernel attends within each document exactly as if it were run alone.
+
+    Returns `rows` (B * n, L) indices into the flattened (B * T) positions, `real` (B * n, L) bool (a real token of
+    the document there) and `back` (B * T,) indices into the flattened (B * n * L) slots.
+    """
+    batch, t = document_ids.shape
+    device = document_ids.device
+    starts = F.pad(document_ids[:, 1:] != document_ids[:, :-1], (1, 0), value=True)  # (B, T)
+    doc = starts.long().cumsum(-1) - 1  # (B, T): 0-based document index in the row
+    n = int(doc.max()) + 1
+    pos = torch.arange(t, device=device)
+    start_pos = torch.where(starts, pos, 0).cummax(-1).values  # (B, T): where each token's document starts
+    offset = pos - start_pos  # (B, T): index inside the document
+    length = int(offset.max()) + 1
+    slot = (torch.arange(batch, device=device)[:, None] * n + doc) * length + offset  # (B, T)
+    back = slot.flatten()
+    rows = torch.zeros(batch * n * length, dtype=torch.long, device=device)
+    real = torch.zeros(batch * n * length, dtype=torch.bool, device=device)
+    flat = torch.arange(batch * t, device=device)
+    rows[back] = flat
+    real[back] = True if key_padding_mask is None else key_padding_mask.flatten().bool()
+    return rows.view(batch * n, length), real.view(batch * n, length), back
+
+
+# The linear-memory kernels of `local` and `lsh` layers, by kind. `full` layers (and every layer under the `eager`
+# implementation) run the dense path: `dense_allowed` + `dense_attention` over transformers' attention interface.
 ATTENTION_FUNCTIONS: dict[str, AttentionFunction] = {
-    "full": full_attention,
     "local": local_attention,
     "lsh": lsh_attention,
-    "eager": eager_attention,
 }

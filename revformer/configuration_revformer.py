@@ -8,8 +8,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 ATTENTION_KINDS = ("full", "local", "lsh")
 STREAM_DTYPES = ("float32", "fixed_point")
-COUPLINGS = ("sublayer", "midpoint", "bdia")
-STREAM_MERGES = ("mean", "newest", "learned")
+COUPLINGS = ("sublayer", "bdia")
 
 
 @strict(accept_kwargs=True)
@@ -39,29 +38,18 @@ class RevformerConfig(PreTrainedConfig):
             2^-stream_fraction_bits (integer multiples held exactly in float64), which makes the coupling exactly
             invertible whatever precision F and G compute in.
         coupling (`str`): how layers join the two streams. `sublayer` (default): every layer is a reversible block
-            `y1 = x1 + A(x2)`, `y2 = x2 + M(y1)` with A its attention and M its feed-forward. `midpoint`: every layer
-            is one whole pre-norm Transformer block `f(p) = A(p) + M(p + A(p))`, and layers alternate between the
-            streams, `p[l+1] = p[l-1] + c_l * f_l(p[l])` from `p[-1] = p[0] = embedding`, with `c_0 = 1` (the first
-            layer's output equals a standard block's) and `c_l = midpoint_step` after it; the newest stream is the
-            output; it reuses a pretrained block's function whole.
-            `bdia` (what `convert.py` produces): the layers are whole blocks as with `midpoint`, joined by
-            `p[l+1] = gamma p[l-1] + (1 - gamma) p[l] + (1 + gamma) f_l(p[l])` (BDIA, arXiv 2407.09093) with
-            gamma = +-`bdia_gamma` drawn per sequence and layer in training and gamma = 0 otherwise, so that
-            evaluation, generation and the KV cache compute a standard pre-norm Transformer exactly (a converted
-            model is its source until trained). The inverse divides by gamma, so reversible training wants
-            `stream_dtype="fixed_point"`, where it is exact at the price of log2(1/bdia_gamma) bits per stream
-            element per layer, kept packed beside the top streams.
-        stream_merge (`str`, defaults to `"newest"`): how the `sublayer` coupling's two top streams become the
-            hidden state: `newest` `y2` (the feed-forward's stream, which has read every attention output through
-            a feed-forward), `mean` `(y1 + y2) / 2` (the default before this option existed, which configs saved
-            without it keep), or `learned` `w1 * y1 + w2 * y2` with per-channel weights from 0.5. `newest` learned
-            faster than `mean` at 4, 12 and 24 layers, and than `learned` at 24 (docs/benchmarks.md, quality
-            against depth). `midpoint` and `bdia` always output their newest stream.
+            `y1 = x1 + A(x2)`, `y2 = x2 + M(y1)` with A its attention and M its feed-forward; the hidden state is
+            the newest stream, `y2` of the last block. `bdia` (what `convert.py` produces): every layer is one whole
+            pre-norm Transformer block `f(p) = A(p) + M(p + A(p))`, and the layers alternate between the streams,
+            `p[l+1] = gamma p[l-1] + (1 - gamma) p[l] + (1 + gamma) f_l(p[l])` from `p[-1] = p[0] = embedding`
+            (BDIA, arXiv 2407.09093), with gamma = +-`bdia_gamma` drawn per sequence and layer in training and
+            gamma = 0 otherwise, so that evaluation, generation and the KV cache compute a standard pre-norm
+            Transformer exactly (a converted model is its source until trained). The inverse divides by gamma, so
+            reversible training wants `stream_dtype="fixed_point"`, where it is exact at the price of
+            log2(1/bdia_gamma) bits per stream element per layer, kept packed beside the top streams.
         bdia_gamma (`float`, defaults to 0.5): the magnitude of the `bdia` coupling's gamma, a power of two 2^-m
             (m in 1..8). 0.5 is the BDIA paper's value for training from scratch; `convert.py` uses 1/16, with which
             training runs a network close to the pretrained one (docs/conversion.md).
-        midpoint_step (`float`, defaults to 2.0): `c_l` of the midpoint coupling for l >= 1 (2 is the midpoint
-            rule, which follows a standard residual stack where consecutive blocks' updates are alike).
         num_key_value_heads (`int`, *optional*): key/value heads for grouped-query attention (each serves
             `num_attention_heads / num_key_value_heads` query heads, and the KV cache holds only these); `None` means
             as many as query heads.
@@ -114,8 +102,6 @@ class RevformerConfig(PreTrainedConfig):
     stream_dtype: str = "float32"
     stream_fraction_bits: int = 32
     coupling: str = "sublayer"
-    stream_merge: str = "newest"
-    midpoint_step: float = 2.0
     bdia_gamma: float = 0.5
     # What pretrained Llama-family models need (convert.py); as useful for models trained from scratch.
     num_key_value_heads: int | None = None
@@ -132,8 +118,6 @@ class RevformerConfig(PreTrainedConfig):
         `head_dim`, `num_key_value_heads`) follows and the whole config is validated, instead of being set on a
         built config and left inconsistent. A `rope_parameters` dict without `rope_theta` keeps the saved base."""
         config_dict = dict(config_dict)
-        # Saved before `stream_merge` existed: those models were trained with the mean of the two streams.
-        config_dict.setdefault("stream_merge", "mean")
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.__dataclass_fields__}
         saved_layers = config_dict.get("attention_layers")
         if "num_hidden_layers" in given and "attention_layers" not in given and isinstance(saved_layers, list):
@@ -211,8 +195,6 @@ class RevformerConfig(PreTrainedConfig):
             )
         if self.coupling not in COUPLINGS:
             raise ValueError(f"RevformerConfig.coupling must be one of {COUPLINGS}, got {self.coupling!r}.")
-        if self.stream_merge not in STREAM_MERGES:
-            raise ValueError(f"RevformerConfig.stream_merge must be one of {STREAM_MERGES}, got {self.stream_merge!r}.")
         if self.bdia_keep_bits is None:
             raise ValueError(
                 f"RevformerConfig.bdia_gamma must be a power of two 2^-m with m in 1..8 (0.5, 0.25, ...), so that "

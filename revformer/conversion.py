@@ -10,8 +10,8 @@ per-head q/k norm) and a SwiGLU feed-forward. Every source tensor lands in exact
 
 A residual stack is not invertible, so no reversible network computes the source's function in training. The default
 `bdia` coupling computes it exactly out of training (gamma = 0) and only in training perturbs it into an invertible
-stack, so a converted model needs no healing; `midpoint` and `sublayer` change the function and are healed by a
-short distillation (`train.distill_from`). What each costs and wins back is measured in docs/conversion.md.
+stack, so a converted model needs no healing; `sublayer` changes the function and is healed by a short
+distillation (`train.distill_from`). What each costs and wins back is measured in docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ _UNSUPPORTED_REASONS = {
     "phi3": "fused qkv and gate/up projections",
 }
 
-# Source tensor name -> revformer tensor name. Both couplings use the same names, since a midpoint layer and a
-# sublayer block hold the same `attention` and `feed_forward` modules.
+# Source tensor name -> revformer tensor name. Both couplings use the same names, since a bdia layer and a sublayer
+# block hold the same `attention` and `feed_forward` modules.
 _WEIGHT_RULES = (
     (r"model\.embed_tokens\.weight", "model.embed_tokens.weight"),
     (r"model\.norm\.weight", "model.norm.weight"),
@@ -103,8 +103,7 @@ def check_convertible(source_config: Any, name: str | None = None) -> None:
 
 
 def revformer_config_from(
-    source_config: Any, coupling: str = "bdia", midpoint_step: float = 2.0, name: str | None = None,
-    **overrides: Any,
+    source_config: Any, coupling: str = "bdia", name: str | None = None, **overrides: Any
 ) -> RevformerConfig:
     """The RevformerConfig whose layers compute the source's blocks, joined by `coupling`; `overrides` win.
     `name`: the source's class, for the error message of an unsupported source."""
@@ -136,11 +135,9 @@ def revformer_config_from(
         eos_token_id=sc.eos_token_id,
         pad_token_id=sc.pad_token_id,
         coupling=coupling,
-        midpoint_step=midpoint_step,
         # bdia's inverse divides by gamma: exact only on fixed-point streams.
         stream_dtype="fixed_point" if coupling == "bdia" else "float32",
         bdia_gamma=BDIA_GAMMA,
-        stream_merge="mean",  # sublayer: the arrangement docs/conversion.md measures
     )
     return RevformerConfig(**{**fields, **overrides})
 
@@ -165,10 +162,9 @@ def weight_map(source_names: list[str], tied: bool) -> dict[str, str]:
     return mapping
 
 
-def convert_model(source: Any, coupling: str = "bdia", midpoint_step: float = 2.0, **overrides: Any
-                  ) -> RevformerForCausalLM:
+def convert_model(source: Any, coupling: str = "bdia", **overrides: Any) -> RevformerForCausalLM:
     """A RevformerForCausalLM holding the weights of the loaded source model (every tensor placed, shapes checked)."""
-    config = revformer_config_from(source.config, coupling, midpoint_step, type(source).__name__, **overrides)
+    config = revformer_config_from(source.config, coupling, type(source).__name__, **overrides)
     state = source.state_dict()
     mapping = weight_map(list(state), tied=config.tie_word_embeddings)
     dtype = next(iter(state.values())).dtype
@@ -234,7 +230,6 @@ def convert_to_revformer(
     source: str,
     output_dir: str | Path | None = None,
     coupling: str = "bdia",
-    midpoint_step: float = 2.0,
     dtype: str | torch.dtype | None = None,
     **overrides: Any,
 ) -> RevformerForCausalLM:
@@ -247,7 +242,7 @@ def convert_to_revformer(
 
     check_convertible(AutoConfig.from_pretrained(source))  # before downloading any weights
     source_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
-    model = convert_model(source_model, coupling, midpoint_step, **overrides)
+    model = convert_model(source_model, coupling, **overrides)
     del source_model
     if output_dir is not None:
         out = Path(output_dir)

@@ -17,10 +17,11 @@ A sublayer may also scale the stream it updates: returning `(out, keep)` makes t
 (the `bdia` coupling, with keep = +-2^-m drawn per sample), whose inverse `x = (y - out) / keep` the engine uses
 instead, with `dL/dx = keep * dL/dy`.
 
-How a sublayer output joins a stream is a `StreamCoupling`. With float streams `(x + out) - out != x` in general and
-the rebuilt inputs drift from the true ones, more so with depth, low-precision compute and large weights. With
-`FixedPointCoupling` the streams live on a grid of 2^-k and every output is rounded to it before the add, so the
-subtraction undoes the addition bit for bit and the reversible gradients equal those of plain backprop.
+How a sublayer output joins a stream is the stream arithmetic's (`StreamArithmetic`). With float streams
+`(x + out) - out != x` in general and the rebuilt inputs drift from the true ones, more so with depth, low-precision
+compute and large weights. With `FixedPointArithmetic` the streams live on a grid of 2^-k and every output is
+rounded to it before the add, so the subtraction undoes the addition bit for bit and the reversible gradients equal
+those of plain backprop.
 
 The engine calls each sublayer exactly once per pass and knows nothing else about it. A sublayer that bounds its own
 memory does so inside that call: `chunked` runs a position-wise function a chunk of the sequence at a time, and
@@ -80,7 +81,7 @@ class ForwardContext:
                 yield
 
 
-class StreamCoupling:
+class StreamArithmetic:
     """How a sublayer's output joins a residual stream: `y = x + out` and its inverse `x = y - out`.
 
     Streams are kept in fp32 (or whatever dtype they arrive in) even when F and G compute in bf16/fp16 under
@@ -131,10 +132,10 @@ class StreamCoupling:
         return stream
 
     def check_range(self, peak: Tensor) -> None:
-        """Raise if a stream reached `peak` = max |value|, which this coupling cannot hold exactly."""
+        """Raise if a stream reached `peak` = max |value|, which this arithmetic cannot hold exactly."""
 
 
-class FixedPointCoupling(StreamCoupling):
+class FixedPointArithmetic(StreamArithmetic):
     """Streams on a fixed-point grid of 2^-k (k = `fraction_bits`): exactly invertible at any compute precision.
 
     A stream is a float64 tensor holding integer multiples of 2^-k below `limit` = 2^(53-k) in magnitude, i.e. a
@@ -460,7 +461,7 @@ def chunked(fn: Any, x: Tensor, chunk_size: int, params: Sequence[Tensor]) -> Te
 def _rerun(
     sublayer: nn.Module,
     replay: ForwardContext,
-    coupling: StreamCoupling,
+    arithmetic: StreamArithmetic,
     inp: Tensor,
     out_stream: Tensor,
     grad_out: Tensor,
@@ -479,11 +480,11 @@ def _rerun(
     params = [] if sharded else _sublayer_params(sublayer)
     with torch.enable_grad(), replay.replay(), upstream_gradient(grad_out) as hint:
         # Differentiate with respect to what S reads: `read` is a cast, whose gradient is the identity.
-        s_in = coupling.read(inp).detach().requires_grad_()
+        s_in = arithmetic.read(inp).detach().requires_grad_()
         s_out, keep = split_output(sublayer(s_in, *aux))
     s_in_grad, grads = _backprop(s_out, s_in, params, hint.to(s_out.dtype), sharded)
     with torch.no_grad():
-        rebuilt = coupling.unjoin(out_stream, s_out, keep, replay.residue)
+        rebuilt = arithmetic.unjoin(out_stream, s_out, keep, replay.residue)
     return rebuilt, s_in_grad.to(grad_out.dtype), _grads_or_zeros(grads, params), keep
 
 
@@ -495,29 +496,30 @@ def forward_blocks(
     x2: Tensor,
     blocks: Sequence[nn.Module],
     aux: Sequence[Tensor | None],
-    coupling: StreamCoupling,
+    arithmetic: StreamArithmetic,
     capture_rng: bool,
 ) -> tuple[Tensor, Tensor, Contexts]:
     """Run `blocks` without grad: the top streams `(y1, y2)` and each sublayer's context for replaying it.
 
-    With a coupling of finite `limit` (fixed point) it raises when a stream leaves the exactly representable range.
+    With an arithmetic of finite `limit` (fixed point) it raises when a stream leaves the exactly representable range.
     """
     contexts: Contexts = []
     # The extremes of every stream value are gathered on the device and checked once after the loop: one host sync
     # per forward, not one per sublayer. An inexact add can only yield a value >= limit, so checking results suffices.
-    check = math.isfinite(coupling.limit)
+    check = math.isfinite(arithmetic.limit)
     extremes = [_extremes(x1), _extremes(x2)] if check else []
     with torch.no_grad():
         for block in blocks:
             f_ctx = ForwardContext(x1.device, capture_rng)
-            x1, f_ctx.residue = coupling.join(x1, *split_output(block.f(coupling.read(x2), *aux)))  # y1 = x1 + F(x2)
+            # y1 = x1 + F(x2), then y2 = x2 + G(y1)
+            x1, f_ctx.residue = arithmetic.join(x1, *split_output(block.f(arithmetic.read(x2), *aux)))
             g_ctx = ForwardContext(x1.device, capture_rng)
-            x2, g_ctx.residue = coupling.join(x2, *split_output(block.g(coupling.read(x1), *aux)))  # y2 = x2 + G(y1)
+            x2, g_ctx.residue = arithmetic.join(x2, *split_output(block.g(arithmetic.read(x1), *aux)))
             contexts.append((f_ctx, g_ctx))
             if check:
                 extremes += [_extremes(x1), _extremes(x2)]
     if check:
-        coupling.check_range(torch.cat(extremes).abs().max())
+        arithmetic.check_range(torch.cat(extremes).abs().max())
     return x1, x2, contexts
 
 
@@ -527,7 +529,7 @@ def reconstruct_inputs(
     y2: Tensor,
     blocks: Sequence[nn.Module],
     aux: Sequence[Tensor | None] = (),
-    coupling: StreamCoupling | None = None,
+    arithmetic: StreamArithmetic | None = None,
     contexts: Contexts | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The stack's input `(x1, x2)` rebuilt from its output by inverting every block, as backward does.
@@ -535,7 +537,7 @@ def reconstruct_inputs(
     Pass the `contexts` from `forward_blocks` when sublayers draw random numbers (dropout, LSH), so each re-run
     replays its forward draws; without them the sublayers run under the current RNG and autocast state.
     """
-    coupling = coupling or StreamCoupling()
+    arithmetic = arithmetic or StreamArithmetic()
 
     def replay(i: int, sublayer: int) -> contextlib.AbstractContextManager:
         return contexts[i][sublayer].replay() if contexts is not None else contextlib.nullcontext()
@@ -545,9 +547,9 @@ def reconstruct_inputs(
 
     for i in reversed(range(len(blocks))):
         with replay(i, 1):
-            x2 = coupling.unjoin(y2, *split_output(blocks[i].g(coupling.read(y1), *aux)), residue(i, 1))  # y2 - G(y1)
+            x2 = arithmetic.unjoin(y2, *split_output(blocks[i].g(arithmetic.read(y1), *aux)), residue(i, 1))  # y2-G(y1)
         with replay(i, 0):
-            x1 = coupling.unjoin(y1, *split_output(blocks[i].f(coupling.read(x2), *aux)), residue(i, 0))  # y1 - F(x2)
+            x1 = arithmetic.unjoin(y1, *split_output(blocks[i].f(arithmetic.read(x2), *aux)), residue(i, 0))  # y1-F(x2)
         y1, y2 = x1, x2
     return y1, y2
 
@@ -555,9 +557,9 @@ def reconstruct_inputs(
 class ReversibleStack(torch.autograd.Function):
     """`(x1, x2) -> (y1, y2)` through `blocks`, each with `.f` (attention) and `.g` (feed-forward) sublayers.
 
-    Call as `ReversibleStack.apply(x1, x2, blocks, coupling, capture_rng, num_aux, *aux, *params)`: `aux` are extra
+    Call as `ReversibleStack.apply(x1, x2, blocks, arithmetic, capture_rng, num_aux, *aux, *params)`: `aux` are extra
     tensors every F and G receives (rotary cos/sin, padding mask; no gradient flows to them), `params` are all trainable
-    parameters of `blocks` in `reversible_params(blocks)` order. Streams go in and come out in the coupling's
+    parameters of `blocks` in `reversible_params(blocks)` order. Streams go in and come out in the arithmetic's
     representation (float64 on the grid for fixed point), which is a float so that autograd can carry their gradients.
     """
 
@@ -567,14 +569,14 @@ class ReversibleStack(torch.autograd.Function):
         x1: Tensor,
         x2: Tensor,
         blocks: Sequence[nn.Module],
-        coupling: StreamCoupling,
+        arithmetic: StreamArithmetic,
         capture_rng: bool,
         num_aux: int,
         *aux_and_params: Tensor,
     ) -> tuple[Tensor, Tensor]:
         aux = aux_and_params[:num_aux]
-        y1, y2, contexts = forward_blocks(x1, x2, blocks, aux, coupling, capture_rng)
-        ctx.blocks, ctx.coupling, ctx.contexts = blocks, coupling, contexts
+        y1, y2, contexts = forward_blocks(x1, x2, blocks, aux, arithmetic, capture_rng)
+        ctx.blocks, ctx.arithmetic, ctx.contexts = blocks, arithmetic, contexts
         ctx.num_aux = num_aux
         ctx.sharded = is_sharded(blocks)  # then no parameters were handed in: FSDP reduces their gradients
         ctx.save_for_backward(y1, y2, *aux)  # the top streams: every other activation is rebuilt from them
@@ -583,14 +585,14 @@ class ReversibleStack(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy1: Tensor, dy2: Tensor) -> tuple[Tensor | None, ...]:
         y1, y2, *aux = ctx.saved_tensors
-        coupling: StreamCoupling = ctx.coupling
+        arithmetic: StreamArithmetic = ctx.arithmetic
         param_grads: list[list[Tensor]] = []
         for block, (f_ctx, g_ctx) in zip(reversed(ctx.blocks), reversed(ctx.contexts)):
             # G: x2 = y2 - G(y1);  dL/dy1 += (dG/dy1)^T dL/dy2
-            x2, dy1_from_g, g_grads, keep_g = _rerun(block.g, g_ctx, coupling, y1, y2, dy2, aux, ctx.sharded)
+            x2, dy1_from_g, g_grads, keep_g = _rerun(block.g, g_ctx, arithmetic, y1, y2, dy2, aux, ctx.sharded)
             dy1 = dy1 + dy1_from_g
             # F: x1 = y1 - F(x2);  dL/dx2 = dL/dy2 + (dF/dx2)^T dL/dy1
-            x1, dx2_from_f, f_grads, keep_f = _rerun(block.f, f_ctx, coupling, x2, y1, dy1, aux, ctx.sharded)
+            x1, dx2_from_f, f_grads, keep_f = _rerun(block.f, f_ctx, arithmetic, x2, y1, dy1, aux, ctx.sharded)
             param_grads.append(f_grads + g_grads)
             # y1 = x1 + F(x2) passes dL/dy1 through to x1 (times keep for a scaled join y1 = keep * x1 + F(x2))
             dx1 = dy1 if keep_f is None else dy1 * keep_f.to(dy1.dtype)
@@ -598,17 +600,17 @@ class ReversibleStack(torch.autograd.Function):
             y1, y2, dy1, dy2 = x1, x2, dx1, dx2 + dx2_from_f
 
         flat_param_grads = [g for block_grads in reversed(param_grads) for g in block_grads]
-        no_grads = (None,) * (4 + ctx.num_aux)  # blocks, coupling, capture_rng, num_aux, *aux
+        no_grads = (None,) * (4 + ctx.num_aux)  # blocks, arithmetic, capture_rng, num_aux, *aux
         return (dy1, dy2, *no_grads, *flat_param_grads)
 
 
-def make_coupling(stream_dtype: str = "float32", fraction_bits: int = 32, keep_bits: int = 1) -> StreamCoupling:
-    """The coupling for `RevformerConfig.stream_dtype` (`fraction_bits` is `stream_fraction_bits`; scaled joins keep
+def stream_arithmetic(stream_dtype: str = "float32", fraction_bits: int = 32, keep_bits: int = 1) -> StreamArithmetic:
+    """The arithmetic for `RevformerConfig.stream_dtype` (`fraction_bits` is `stream_fraction_bits`; scaled joins keep
     +-2^-keep_bits of the stream, as the `bdia` coupling's gamma)."""
     if stream_dtype == "float32":
-        return StreamCoupling()
+        return StreamArithmetic()
     if stream_dtype == "fixed_point":
-        return FixedPointCoupling(fraction_bits, keep_bits)
+        return FixedPointArithmetic(fraction_bits, keep_bits)
     raise ValueError(f"Unknown stream_dtype {stream_dtype!r}; choose 'float32' or 'fixed_point'.")
 
 
@@ -622,7 +624,7 @@ def reversible_stack(
     x2: Tensor,
     blocks: Sequence[nn.Module],
     aux: Sequence[Tensor | None] = (),
-    coupling: StreamCoupling | None = None,
+    arithmetic: StreamArithmetic | None = None,
     capture_rng: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Run `blocks` reversibly: activation memory independent of `len(blocks)`.
@@ -632,5 +634,5 @@ def reversible_stack(
     # FSDP2 swaps gathered parameters in and out of the sublayers around each call, so sharded blocks keep theirs.
     params = [] if is_sharded(blocks) else reversible_params(blocks)
     return ReversibleStack.apply(
-        x1, x2, tuple(blocks), coupling or StreamCoupling(), capture_rng, len(aux), *aux, *params
+        x1, x2, tuple(blocks), arithmetic or StreamArithmetic(), capture_rng, len(aux), *aux, *params
     )

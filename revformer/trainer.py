@@ -48,6 +48,7 @@ from .data import (
     document_position_ids,
     prepare_datasets,
 )
+from .loss import Teacher
 from .modeling_revformer import RevformerForCausalLM
 from .tokenizer import get_tokenizer, load_tokenizer
 
@@ -126,13 +127,13 @@ def build_teacher(run: RunConfig, model: torch.nn.Module, device: torch.device) 
 
 @torch.no_grad()
 def teacher_targets(teacher: torch.nn.Module, ids: torch.Tensor, position_ids: torch.Tensor | None,
-                    ce_weight: float) -> dict[str, Any]:
-    """The forward keywords that make the model's loss the distillation loss: the teacher's final hidden states
-    (its logits are computed chunk by chunk inside the loss, never for the whole batch) and LM-head weight."""
+                    ce_weight: float) -> dict[str, Teacher]:
+    """The forward keyword that makes the model's loss the distillation loss: a `Teacher` of the teacher's final
+    hidden states (its logits are computed chunk by chunk inside the loss, never for the whole batch) and LM-head
+    weight."""
     # use_cache=False: transformers' models build a cache by default, and then ignore documents marked by position_ids
     hidden = teacher.base_model(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
-    return {"teacher_hidden_states": hidden, "teacher_lm_head": teacher.get_output_embeddings().weight,
-            "distill_ce_weight": ce_weight}
+    return {"teacher": Teacher(hidden, teacher.get_output_embeddings().weight, ce_weight)}
 
 
 def build_optimizer(model: torch.nn.Module, run: RunConfig) -> torch.optim.AdamW:

@@ -3,7 +3,7 @@
     python scripts/convert.py HuggingFaceTB/SmolLM2-135M runs/smollm2-rev
     accelerate launch scripts/finetune.py --config configs/finetune.yaml --train.init_from runs/smollm2-rev \
         --data.dataset my_texts/
-    # --coupling midpoint or sublayer change the function: heal them by distillation from the source first
+    # --coupling sublayer changes the function: heal it by distillation from the source first
     accelerate launch scripts/finetune.py --config configs/heal.yaml --train.init_from runs/smollm2-rev \
         --train.distill_from HuggingFaceTB/SmolLM2-135M --data.dataset my_texts/
 """
@@ -25,12 +25,10 @@ def main() -> None:
     parser.add_argument("--bdia-gamma", type=float, default=None,
                         help="gamma of the bdia coupling, a power of two (default: 1/16, which training barely "
                              "perturbs)")
-    parser.add_argument("--midpoint-step", type=float, default=2.0, help="step c of the midpoint coupling after layer 0")
     parser.add_argument("--dtype", default=None, help="weights dtype, e.g. float32 or bfloat16 (default: the source's)")
     args = parser.parse_args()
     try:
-        model = convert_to_revformer(args.source, args.output_dir, coupling=args.coupling,
-                                     midpoint_step=args.midpoint_step, dtype=args.dtype,
+        model = convert_to_revformer(args.source, args.output_dir, coupling=args.coupling, dtype=args.dtype,
                                      **({} if args.bdia_gamma is None else {"bdia_gamma": args.bdia_gamma}))
     except ConversionError as err:
         sys.exit(f"error: {err}")

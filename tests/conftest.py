@@ -15,8 +15,32 @@ import yaml
 from safetensors.torch import load_file
 
 from revformer import RevformerConfig
+from revformer.attention import ATTENTION_FUNCTIONS, dense_attention, eager_attention
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def dense_kernel(implementation: str):
+    """The dense path of a `full` layer (`dense_attention` over revformer's eager attention or transformers' sdpa),
+    with the linear-memory kernels' signature, so that every kernel is tested against the same references."""
+    from types import SimpleNamespace
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    interface = eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+
+    def kernel(q, k, v, *, key_padding_mask, dropout_p, scale, config):
+        module = SimpleNamespace(is_causal=True, num_key_value_groups=q.shape[1] // k.shape[1])
+        out, _ = dense_attention(interface, module, q, k, v, kind="full", key_padding_mask=key_padding_mask,
+                                 document_ids=None, dropout_p=dropout_p, scale=scale, config=config)
+        return out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
+
+    return kernel
+
+
+# Every attention kernel by the name the tests use: `eager` and `full` (sdpa) are the dense path that `full` layers
+# run, `local` and `lsh` the linear-memory kernels.
+KERNELS = {"eager": dense_kernel("eager"), "full": dense_kernel("sdpa"), **ATTENTION_FUNCTIONS}
 
 
 def tiny_config(**overrides) -> RevformerConfig:
@@ -123,9 +147,9 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the benchmark entry point `scripts/<script>` from the checkout on one thread; it must succeed."""
+    """Run the benchmark suite `python -m benchmarks SUITE` from the checkout on one thread; it must succeed."""
     bench_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "benchmarks", script, *args], capture_output=True, text=True,
                             env=bench_env, cwd=ROOT, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

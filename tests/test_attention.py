@@ -1,4 +1,8 @@
-"""Tests for revformer.attention: every kernel against naive dense references (values and gradients)."""
+"""Tests for revformer.attention: every kernel against naive dense references (values and gradients).
+
+`eager` and `full` are the dense path that `full` layers run (`dense_allowed` + `dense_attention`), through revformer's
+eager attention and through transformers' sdpa; `local` and `lsh` are the linear-memory kernels.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from revformer.attention import ATTENTION_FUNCTIONS, LSH_SELF_MASK_VALUE
+from conftest import KERNELS as KERNEL_FUNCTIONS
+from revformer.attention import LSH_SELF_MASK_VALUE
 
 B, H, D = 2, 3, 8
 SCALE = D**-0.5
@@ -25,7 +30,7 @@ def make_config(**overrides: int) -> SimpleNamespace:
 def attend(
     name: str, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, p: float = 0.0, **cfg: int
 ) -> Tensor:
-    fn = ATTENTION_FUNCTIONS[name]
+    fn = KERNEL_FUNCTIONS[name]
     return fn(q, k, v, key_padding_mask=mask, dropout_p=p, scale=SCALE, config=make_config(**cfg))
 
 
@@ -147,7 +152,7 @@ def rotations(n_hashes: int, n_buckets: int, seed: int = 0) -> Tensor:
 
 def attend_lsh(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, rot: Tensor | None, p: float = 0.0,
                **cfg: int) -> Tensor:
-    return ATTENTION_FUNCTIONS["lsh"](q, k, v, key_padding_mask=mask, dropout_p=p, scale=SCALE,
+    return KERNEL_FUNCTIONS["lsh"](q, k, v, key_padding_mask=mask, dropout_p=p, scale=SCALE,
                                       config=make_config(**cfg), rotations=rot)
 
 
@@ -307,7 +312,7 @@ def test_left_padding_gives_the_unpadded_rows(name: str, n_queries: int | None) 
     cfg = dict(local_chunk_length=3, local_num_chunks_before=1, lsh_num_buckets=4, lsh_num_hashes=2, lsh_chunk_length=3)
     kwargs = dict(key_padding_mask=mask, dropout_p=0.0, scale=SCALE, config=make_config(**cfg))
     extra = dict(rotations=rotations(2, 4)) if name == "lsh" else {}
-    fn = ATTENTION_FUNCTIONS[name]
+    fn = KERNEL_FUNCTIONS[name]
     out = fn(padded[0][:, :, -t_q:], padded[1], padded[2], **kwargs, **extra)
     alone = fn(q[:, :, -min(t_q, t) :], k, v, **{**kwargs, "key_padding_mask": None}, **extra)
     torch.testing.assert_close(out[:, :, -t:], alone, atol=1e-12, rtol=1e-10)

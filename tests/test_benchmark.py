@@ -1,5 +1,5 @@
-"""scripts/benchmark.py (benchmarks.cli): every suite through its real code path (fresh worker processes, report)
-at tiny sizes."""
+"""`python -m benchmarks compare`: every part (`--suite`) through its real code path (fresh worker processes, report)
+at tiny sizes; and the worker entry point."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_benchmark
+from conftest import ROOT, read_jsonl
+from test_benchmark_suites import run_suite
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+COMPARE = [sys.executable, "-m", "benchmarks", "compare"]
 
 
 def test_depth_suite_tiny(tmp_path: Path) -> None:
     tiny = ["--set", "depth.depths=[8]", "--set", "depth.seq_len=128", "--set", "depth.hidden_size=32",
             "--set", "depth.steps=1"]  # fmt: skip
-    cmd = [sys.executable, str(SCRIPT), "--suite", "depth", "--models", "revformer,revformer_plain",
+    cmd = [*COMPARE, "--suite", "depth", "--models", "revformer,revformer_plain",
            "--out", str(tmp_path), "--threads", "1", *tiny]  # fmt: skip
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=150, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     records = [json.loads(line) for line in (tmp_path / "depth.jsonl").read_text().splitlines()]
@@ -54,9 +55,9 @@ def test_memory_and_cost_suites_tiny(tmp_path: Path) -> None:
     tiny = [f"--set=memory.{k}={v}" for k, v in sizes.items()] + [f"--set=cost.{k}={v}" for k, v in sizes.items()]
     tiny += ["--set=memory.lengths=[256]", "--set=memory.start=256", "--set=memory.longest_max_len=256",
              "--set=memory.budget_gib=0.5", "--set=cost.seq_len=256", "--set=cost.steps=1"]
-    cmd = [sys.executable, str(SCRIPT), "--suite", "memory,cost", "--models", "revformer",
+    cmd = [*COMPARE, "--suite", "memory,cost", "--models", "revformer",
            "--out", str(tmp_path), *tiny]  # fmt: skip
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     records = [json.loads(line) for line in (tmp_path / "memory.jsonl").read_text().splitlines()]
@@ -75,10 +76,13 @@ def test_memory_and_cost_suites_tiny(tmp_path: Path) -> None:
     assert (tmp_path / "memory_forward_backward.png").stat().st_size > 0
 
 
-def test_legacy_worker_entry_point() -> None:
-    """`scripts/benchmark.py _worker '<json>'` runs a worker as `python -m benchmarks.worker` does."""
+def test_worker_entry_point() -> None:
+    """`python -m benchmarks.worker '<json>'` runs one measurement and prints its record."""
     spec = {"model": "revformer", "hidden_size": 32, "num_heads": 2, "seq_len": 64, "threads": 1}
-    done = run_benchmark("benchmark.py", "_worker", json.dumps({"mode": "memory", "spec": spec}), timeout=150)
+    payload = json.dumps({"mode": "memory", "spec": spec})
+    done = subprocess.run([sys.executable, "-m", "benchmarks.worker", payload], capture_output=True, text=True,
+                          timeout=150, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [x for x in done.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
     record = json.loads(line.removeprefix("BENCH_RESULT "))
     assert record["ok"] and record["spec"]["seq_len"] == 64 and record["peak_bytes"] > record["static_bytes"] > 0
@@ -95,8 +99,8 @@ def test_core_length_longseq_quality_suites_tiny(tmp_path: Path) -> None:
                     "attention_variants": ["local/lsh"]},
     }
     sets = [f"--set={suite}.{k}={json.dumps(v)}" for suite, kv in sizes.items() for k, v in kv.items()]
-    run_benchmark("benchmark.py", "--suite", ",".join(sizes), "--models", "revformer,revformer_plain",
-                  "--out", str(tmp_path), *sets)
+    run_suite("compare", "--suite", ",".join(sizes), "--models", "revformer,revformer_plain",
+              "--out", str(tmp_path), *sets)
 
     core = read_jsonl(tmp_path / "core.jsonl")
     timed = {r["spec"]["model"]: r for r in core if r["mode"] == "time"}

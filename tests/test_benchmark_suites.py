@@ -1,15 +1,31 @@
-"""Every benchmark beside scripts/benchmark.py, end to end at tiny sizes into a temporary folder: the records and
-Markdown it writes hold real figures. In-process (`main(argv)`) where a benchmark measures in its own process,
-through its script where it launches workers (fresh processes, torchrun)."""
+"""Every benchmark suite: one protocol and one entry point (`python -m benchmarks SUITE`, no sys.path edits), and
+each suite beside `compare` end to end at tiny sizes into a temporary folder: the records and Markdown it writes hold
+real figures. In-process (`benchmarks.suites.main`) where a suite measures in its own process, through
+`python -m benchmarks` where it launches workers (fresh processes, torchrun)."""
 
 from __future__ import annotations
 
+import argparse
+import inspect
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_jsonl, run_benchmark
+from conftest import ROOT, read_jsonl
+
+
+def run_suite(suite: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m benchmarks SUITE ARGS` from the checkout root on one thread, with no PYTHONPATH; it must succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    result = subprocess.run([sys.executable, "-m", "benchmarks", suite, *args], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def test_benchmarks_package_is_not_shipped():
@@ -19,10 +35,43 @@ def test_benchmarks_package_is_not_shipped():
     assert (ROOT / "benchmarks" / "__init__.py").exists()
 
 
-def test_fixed_point_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from benchmarks.suites import fixed_point
+def test_every_suite_follows_one_protocol(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each suite module names itself, declares its options on the entry point's parser and runs from the parsed
+    arguments; its `--help` is its docstring. Nothing in the harness edits sys.path, and no script wraps it."""
+    from benchmarks import suites
 
-    fixed_point.main(["--tiny", "--out", str(tmp_path)])
+    assert len(suites.SUITES) == 10
+    for name in suites.SUITES:
+        module = suites.load(name)
+        assert module.NAME == name and module.__doc__ and suites.summary(module), name
+        for function in (module.arguments, module.run):  # arguments(parser), run(args)
+            assert len(inspect.signature(function).parameters) == 1, (name, function)
+        parser = suites.parser(name)
+        assert isinstance(parser, argparse.ArgumentParser) and parser.prog == f"python -m benchmarks {name}"
+        with pytest.raises(SystemExit) as exit_:
+            suites.main([name, "--help"])
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: python -m benchmarks {name}"), name
+    for path in (ROOT / "benchmarks").rglob("*.py"):
+        assert "sys.path" not in path.read_text(), path
+    assert not [p.name for p in (ROOT / "scripts").glob("*.py") if "benchmark" in p.name or "gpu_check" in p.name]
+    with pytest.raises(SystemExit, match="unknown benchmark suite"):
+        suites.main(["no_such_suite"])
+
+
+def test_python_m_benchmarks_lists_every_suite() -> None:
+    """`python -m benchmarks --help` from the checkout root, no PYTHONPATH: it imports every suite and lists it."""
+    from benchmarks.suites import SUITES
+
+    out = run_suite("--help", timeout=120).stdout
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert listed == list(SUITES), out
+
+
+def test_fixed_point_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.suites import main
+
+    main(["fixed_point", "--tiny", "--out", str(tmp_path)])
     meta, *rows = read_jsonl(tmp_path / "fixed_point_cpu_tiny.jsonl")
     assert meta["kind"] == "meta" and meta["seconds"] > 0 and meta["torch"]
     acc = {(r["depth"], r["streams"], r["fraction_bits"]): r for r in rows if r["kind"] == "accuracy"}
@@ -41,16 +90,16 @@ def test_fixed_point_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_lsh_leak_and_memory_tiny(tmp_path: Path) -> None:
-    from benchmarks.suites import lsh
+    from benchmarks.suites import main
 
-    lsh.main(["leak", "--out", str(tmp_path)])
+    main(["lsh", "leak", "--out", str(tmp_path)])
     leak = {r["kind"]: r for r in read_jsonl(tmp_path / "leak.jsonl")}
     assert set(leak) == {"full", "local", "lsh"}
     for r in leak.values():  # causal: a later token changes no earlier logit (float noise at most)
         assert r["leak_train"] < 1e-5 and r["leak_eval"] < 1e-5 and r["cached_vs_full"] < 1e-4
         assert r["device"] == "cpu" and r["torch"] and r["threads"] >= 1
 
-    run_benchmark("benchmark_lsh.py", "memory", "--tiny", "--kinds", "revformer_lsh,reformer_lsh",
+    run_suite("lsh", "memory", "--tiny", "--kinds", "revformer_lsh,reformer_lsh",
                   "--out", str(tmp_path))
     memory = {r["kind"]: r for r in read_jsonl(tmp_path / "memory.jsonl")}
     assert set(memory) == {"revformer_lsh", "reformer_lsh"}, memory
@@ -66,7 +115,7 @@ def test_lsh_leak_and_memory_tiny(tmp_path: Path) -> None:
 def test_compile_tiny(tmp_path: Path) -> None:
     """The compile benchmark's steps on a tiny model; aot_eager traces and compiles the graphs (dynamo, AOT
     autograd) without inductor's code generation, which would take most of a minute here."""
-    run_benchmark("benchmark_compile.py", "--tiny", "--backend", "aot_eager", "--out", str(tmp_path / "compile_cpu"))
+    run_suite("compile", "--tiny", "--backend", "aot_eager", "--out", str(tmp_path / "compile_cpu"))
     run, demo = read_jsonl(tmp_path / "compile_cpu.jsonl")
     assert run["ok"] and run["config"] == "tiny" and run["reversible"]
     assert run["grad_rel_error_compiled_vs_eager"] < 1e-4 and run["frames_compiled"] > 0
@@ -79,7 +128,7 @@ def test_compile_tiny(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # three torchrun processes
 def test_fsdp_tiny(tmp_path: Path) -> None:
-    run_benchmark("benchmark_fsdp.py", "--tiny", "--results", str(tmp_path))
+    run_suite("fsdp", "--tiny", "--results", str(tmp_path))
     rows = read_jsonl(tmp_path / "fsdp_cpu.jsonl")
     assert [(r["world_size"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
     alone, *sharded = rows
@@ -92,9 +141,9 @@ def test_fsdp_tiny(tmp_path: Path) -> None:
 
 
 def test_documents_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from benchmarks.suites import documents
+    from benchmarks.suites import main
 
-    documents.main(["--tiny", "--out", str(tmp_path / "documents")])
+    main(["documents", "--tiny", "--out", str(tmp_path / "documents")])
     records = read_jsonl(tmp_path / "documents.jsonl")
     assert [r["attention"] for r in records] == ["full", "mixed full/local/full/lsh"]
     for r in records:
@@ -104,9 +153,9 @@ def test_documents_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_data_tiny(tmp_path: Path) -> None:
-    from benchmarks.suites import data
+    from benchmarks.suites import main
 
-    data.main(["--tiny", "--out", str(tmp_path / "data")])
+    main(["data", "--tiny", "--out", str(tmp_path / "data")])
     (r,) = read_jsonl(tmp_path / "data.jsonl")
     assert r["ok"] and r["vocab"] == 300 and r["block_size"] == 128
     assert r["documents_train"] > r["documents_validation"] > 0 and r["tokens_train"] > r["tokens_validation"] > 0
@@ -118,7 +167,7 @@ def test_data_tiny(tmp_path: Path) -> None:
 def test_depth_quality_tiny(tmp_path: Path) -> None:
     from benchmarks.models import ABLATIONS
 
-    run_benchmark("benchmark_depth_quality.py", "--tiny", "--jobs", "2", "--out", str(tmp_path))
+    run_suite("depth_quality", "--tiny", "--jobs", "2", "--out", str(tmp_path))
     sweep = read_jsonl(tmp_path / "sweep.jsonl")
     main = {r["spec"]["model"]: r for r in read_jsonl(tmp_path / "main.jsonl")}
     assert len(sweep) == 6 and all(r["ok"] and r["val_bpb"] > 0 for r in sweep)  # 3 models x 2 rates
@@ -129,7 +178,7 @@ def test_depth_quality_tiny(tmp_path: Path) -> None:
     readme = (tmp_path / "README.md").read_text()
     assert "| 1 | " in readme and "Learning-rate sweep" in readme and "Check, revformer with `reversible=False`" in readme
     assert (tmp_path / "depth_quality.png").stat().st_size > 0
-    run_benchmark("benchmark_depth_quality.py", "ablate", "--tiny", "--out", str(tmp_path))
+    run_suite("depth_quality", "ablate", "--tiny", "--out", str(tmp_path))
     ablations = {(r["spec"]["model"], r["lr"]): r for r in read_jsonl(tmp_path / "ablation.jsonl")}
     rate, *structural = ablations  # the rate ablation first, then each structural change at the best rate so far
     assert rate == ("revformer_mean", 1e-3) and {m for m, _ in structural} == set(ABLATIONS)
@@ -140,7 +189,7 @@ def test_depth_quality_tiny(tmp_path: Path) -> None:
         assert [step for step, _ in r["val_bpb_curve"]] == [2] and r["reconstruction_error"] < 1e-4
     readme = (tmp_path / "README.md").read_text()
     assert "| revformer_mean ablation | lr 0.001 |" in readme and f"| revformer_embed_one ablation | {ABLATIONS['revformer_embed_one']}" in readme
-    run_benchmark("benchmark_depth_quality.py", "bdia", "--tiny", "--out", str(tmp_path))
+    run_suite("depth_quality", "bdia", "--tiny", "--out", str(tmp_path))
     bdia = {r["spec"]["model"]: r for r in read_jsonl(tmp_path / "bdia.jsonl")}
     assert set(bdia) == {"revformer_bdia", "revformer_bdia_gamma64"}
     for r in bdia.values():
@@ -148,7 +197,7 @@ def test_depth_quality_tiny(tmp_path: Path) -> None:
         assert r["reconstruction_error"] == 0.0  # fixed-point streams: exact
     readme = (tmp_path / "README.md").read_text()
     assert "| revformer, bdia bpb | bdia vs Llama |" in readme and "| 1 | 1/64 |" in readme
-    run_benchmark("benchmark_depth_quality.py", "seed", "--tiny", "--out", str(tmp_path))
+    run_suite("depth_quality", "seed", "--tiny", "--out", str(tmp_path))
     (seed,) = read_jsonl(tmp_path / "seed.jsonl")
     assert seed["ok"] and seed["spec"]["seed"] == 1 and seed["spec"]["model"] == "llama"
     assert seed["lr"] == main["llama"]["lr"] and seed["steps"] == main["llama"]["steps"]

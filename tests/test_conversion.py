@@ -15,6 +15,7 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 
 from revformer import ConversionError, RevformerForCausalLM, convert_model, convert_to_revformer
 from revformer.conversion import weight_map
+from revformer.loss import Teacher
 
 from conftest import ROOT, relative_error, run_benchmark
 
@@ -47,7 +48,7 @@ def source_model(family: str) -> torch.nn.Module:
     return model.eval()
 
 
-def reference_logits(source: torch.nn.Module, ids: torch.Tensor, coupling: str, step: float = 2.0,
+def reference_logits(source: torch.nn.Module, ids: torch.Tensor, coupling: str,
                      gammas: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The coupling written naively with the source's own modules (sdpa, causal, no mask); `gammas`: the bdia
     coupling's per-sequence gamma of each layer after the first (None: evaluation, gamma = 0)."""
@@ -55,30 +56,24 @@ def reference_logits(source: torch.nn.Module, ids: torch.Tensor, coupling: str, 
     emb = base.embed_tokens(ids)
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
     rope = base.rotary_emb(emb, positions)
-    if coupling == "sublayer":  # y1 = x1 + A(x2); y2 = x2 + M(y1); h = (y1 + y2) / 2
+    if coupling == "sublayer":  # y1 = x1 + A(x2); y2 = x2 + M(y1); h = the newest stream, y2
         x1 = x2 = emb
         for layer in base.layers:
             x1 = x1 + layer.self_attn(layer.input_layernorm(x2), position_embeddings=rope, attention_mask=None)[0]
             x2 = x2 + layer.mlp(layer.post_attention_layernorm(x1))
-        hidden = (x1 + x2) / 2
-    elif coupling == "bdia":  # p[l+1] = g p[l-1] + (1 - g) p[l] + (1 + g) f_l(p[l]); p[1] = p[0] + f_0(p[0])
+        hidden = x2
+    else:  # p[l+1] = g p[l-1] + (1 - g) p[l] + (1 + g) f_l(p[l]); p[1] = p[0] + f_0(p[0])
         previous = current = emb
         for i, layer in enumerate(base.layers):
             update = layer(current, attention_mask=None, position_embeddings=rope, position_ids=positions) - current
             g = 0.0 if i == 0 or gammas is None else gammas[i - 1]
             previous, current = current, g * previous + (1 - g) * current + (1 + g) * update
         hidden = current
-    else:  # p[l+1] = p[l-1] + c_l * f_l(p[l]), p[-1] = p[0] = embedding, c_0 = 1
-        previous = current = emb
-        for i, layer in enumerate(base.layers):
-            update = layer(current, attention_mask=None, position_embeddings=rope, position_ids=positions) - current
-            previous, current = current, previous + (1.0 if i == 0 else step) * update
-        hidden = current
     return source.lm_head(base.norm(hidden))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("coupling", ["midpoint", "sublayer", "bdia"])
+@pytest.mark.parametrize("coupling", ["sublayer", "bdia"])
 def test_converted_forward_equals_its_coupling_written_with_the_source_modules(family, coupling):
     source = source_model(family)
     source.config._attn_implementation = "sdpa"
@@ -132,17 +127,8 @@ def test_every_source_tensor_lands_in_one_place(family):
         assert expected[family] in mapping.values()
 
 
-def test_a_one_layer_midpoint_model_is_the_source():
-    torch.manual_seed(0)
-    source = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_hidden_layers": 1}, num_key_value_heads=2)).eval()
-    model = convert_model(source, coupling="midpoint")
-    ids = torch.randint(3, 96, (2, 24))
-    with torch.no_grad():
-        assert relative_error(model(ids).logits, source(ids).logits) < 1e-5
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("coupling", ["midpoint", "bdia"])
+@pytest.mark.parametrize("coupling", ["sublayer", "bdia"])
 def test_converted_model_trains_reversibly_generates_and_reloads(family, coupling, tmp_path):
     model = convert_model(source_model(family), coupling=coupling).float()
     ids = torch.randint(3, 96, (2, 24))
@@ -235,7 +221,7 @@ def converted(tmp_path_factory, request):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     teacher.save_pretrained(work / "teacher")
     tokenizer.save_pretrained(work / "teacher")
-    for folder, coupling in (("rev", "midpoint"), ("rev_bdia", "bdia")):  # one that needs healing, the default
+    for folder, coupling in (("rev", "sublayer"), ("rev_bdia", "bdia")):  # one that needs healing, the default
         done = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(work / "teacher"),
                                str(work / folder), "--coupling", coupling], cwd=work, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -311,7 +297,7 @@ def test_distillation_loss_equals_a_naive_full_logits_kl(loss_chunk_size, ce_wei
     labels = ids.clone()
     labels[0, :5] = -100  # ignored positions count neither in the KL nor in the denominator
     teacher_hidden, teacher_head = torch.randn(2, 16, 24), torch.randn(128, 24)
-    kwargs = dict(teacher_hidden_states=teacher_hidden, teacher_lm_head=teacher_head, distill_ce_weight=ce_weight)
+    kwargs = dict(teacher=Teacher(teacher_hidden, teacher_head, ce_weight))
     loss = model(input_ids=ids, labels=labels, **kwargs).loss
     got = torch.autograd.grad(loss, [model.lm_head.weight, model.model.embed_tokens.weight])
 
@@ -329,14 +315,14 @@ def test_distillation_loss_equals_a_naive_full_logits_kl(loss_chunk_size, ce_wei
     with torch.no_grad():  # evaluation path: the same value without gradients
         assert torch.allclose(model(input_ids=ids, labels=labels, **kwargs).loss, reference, rtol=1e-5)
     with pytest.raises(ValueError, match="share the vocabulary"):
-        model(input_ids=ids, labels=labels, teacher_hidden_states=teacher_hidden, teacher_lm_head=teacher_head[:100])
+        model(input_ids=ids, labels=labels, teacher=Teacher(teacher_hidden, teacher_head[:100]))
 
 
 @pytest.mark.slow  # about ten CLI processes (pretrain, convert, evaluate, heal, from scratch) and six memory workers
 def test_benchmark_conversion_tiny(tmp_path):
-    """scripts/benchmark_conversion.py --tiny through teacher, heal (bdia: nothing to heal), gamma, scratch, memory and
+    """python -m benchmarks conversion --tiny through teacher, heal (bdia: nothing to heal), gamma, scratch, memory and
     report (the heal and fine-tuning stages run the same train/evaluate commands as scratch; left out for time)."""
-    run_benchmark("benchmark_conversion.py", "--tiny", "--work", str(tmp_path), "--couplings", "bdia",
+    run_benchmark("conversion", "--tiny", "--work", str(tmp_path), "--couplings", "bdia",
                   "--stages", "teacher,heal,gamma,scratch,memory,report")
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     assert set(results) == {"teacher", "teacher/eval", "convert/bdia", "heal/bdia", "gamma", "scratch", "memory"}
@@ -380,7 +366,7 @@ def test_a_source_and_its_bdia_conversion_score_alike_on_packed_documents():
     assert abs(crossing - losses[0]) > 1e-3  # the documents do matter here
     positions = document_position_ids(ids, eos)
     source.eval(), model.eval()  # evaluate() leaves models in train mode, where bdia draws its gamma
-    hidden = teacher_targets(source, ids, positions, 0.0)["teacher_hidden_states"]
+    hidden = teacher_targets(source, ids, positions, 0.0)["teacher"].hidden
     with torch.no_grad():
         alone = source.model(ids[:, 8:16], use_cache=False).last_hidden_state  # the second document by itself
         converted = model.model(ids, position_ids=positions).last_hidden_state

@@ -11,7 +11,7 @@ attention kernel against a dense float64 reference, with and without padding; wh
 depth (`torch.cuda.max_memory_allocated` on CUDA, MemTracker on CPU); cached generation.
 
 Measured values are printed and, when `REVFORMER_TEST_REPORT` names a file, appended to it as JSON lines
-(`scripts/gpu_check.py` collects them into the GPU results).
+(`python -m benchmarks gpu_check` collects them into the GPU results).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import ROOT, relative_error, tiny_config
+from conftest import KERNELS, ROOT, relative_error, tiny_config
 from revformer import RevformerForCausalLM
-from revformer.attention import ATTENTION_FUNCTIONS, LSH_SELF_MASK_VALUE, lsh_buckets
+from revformer.attention import LSH_SELF_MASK_VALUE, lsh_buckets
 
 CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -133,14 +133,14 @@ def test_fixed_point_reconstruction_is_exact_at_48_layers_under_bf16(device, rep
             if p.dim() == 2:
                 p.mul_(3.0)
     ids = torch.randint(3, 128, (1, 32), device=device)
-    from revformer.reversible import make_coupling
+    from revformer.reversible import stream_arithmetic
 
     errors = {}
     for stream_dtype in ("fixed_point", "float32"):
-        model.model.coupling = make_coupling(stream_dtype)
+        model.model.streams = stream_arithmetic(stream_dtype)
         with autocast(device, torch.bfloat16):
             errors[stream_dtype] = model.model.reconstruction_error(ids)
-    model.model.coupling = make_coupling("fixed_point")
+    model.model.streams = stream_arithmetic("fixed_point")
     _, rev = gradients(model, ids, True, seed=5, dtype=torch.bfloat16)
     _, plain = gradients(model, ids, False, seed=5, dtype=torch.bfloat16)
     grad_error = max(relative_error(rev[n], plain[n]) for n in plain)
@@ -215,8 +215,8 @@ def test_attention_kernel_matches_dense_reference(device, kind, padded, precisio
     q, k, v = (x.to(device, dtype).requires_grad_() for x in (q64, k64, v64))
     config, scale = kernel_config(), d**-0.5
     rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-    out = ATTENTION_FUNCTIONS[kind](q, q if kind == "lsh" else k, v, key_padding_mask=mask, dropout_p=0.0,
-                                    scale=scale, config=config)
+    out = KERNELS[kind](q, q if kind == "lsh" else k, v, key_padding_mask=mask, dropout_p=0.0, scale=scale,
+                        config=config)
     buckets = None
     if kind == "lsh":  # the kernel's own draw, replayed: the reference hashes with the same rotations
         (torch.cuda.set_rng_state(rng, device) if device.type == "cuda" else torch.set_rng_state(rng))
@@ -273,8 +273,8 @@ def test_sdpa_uses_a_fused_kernel_for_long_sequences(device, kind, padded, dropo
     q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     mask = (torch.arange(t, device=device)[None, :] >= 100) if padded else None
     config = kernel_config(local_chunk_length=256 if cuda else 128)
-    run = lambda: ATTENTION_FUNCTIONS[kind](q, k, v, key_padding_mask=mask, dropout_p=dropout, scale=d**-0.5,  # noqa: E731
-                                            config=config)
+    run = lambda: KERNELS[kind](q, k, v, key_padding_mask=mask, dropout_p=dropout, scale=d**-0.5,  # noqa: E731
+                                config=config)
     must_fuse = cuda or dropout == 0.0
     run().float().square().mean().backward()  # default dispatch: record what torch picks
     report(device=device.type, kind=kind, padded=padded, dropout=dropout, seq=t, dtype=str(dtype),
@@ -403,7 +403,7 @@ def test_generation_with_a_cache(device, kinds, report):
     assert error <= 1e-4
 
 
-# -------------------------------------------------------- scripts/gpu_check.py itself (benchmarks/suites/gpu_check.py)
+# ---------------------------------------------- python -m benchmarks gpu_check (benchmarks/suites/gpu_check.py)
 
 
 def gpu_check_module():
@@ -451,8 +451,8 @@ def test_peak_flops_by_gpu_name_and_mfu_rows():
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_end_to_end(tmp_path):
-    """`scripts/gpu_check.py --dry-run`: every stage of the GPU check on the CPU at tiny sizes, as CI rehearsal."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry-run", "--out",
+    """`python -m benchmarks gpu_check --dry-run`: every stage of the GPU check on the CPU at tiny sizes, as CI rehearsal."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "gpu_check", "--dry-run", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

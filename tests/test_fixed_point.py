@@ -7,7 +7,7 @@ import torch
 
 from conftest import relative_error, tiny_config
 from revformer import RevformerForCausalLM
-from revformer.reversible import FixedPointCoupling, StreamCoupling, make_coupling, pack_residue, unpack_residue
+from revformer.reversible import FixedPointArithmetic, StreamArithmetic, stream_arithmetic, pack_residue, unpack_residue
 
 BF16 = torch.bfloat16
 
@@ -37,7 +37,7 @@ def max_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
     return max(relative_error(grads[name], reference[name]) for name in reference)
 
 
-class Float64Coupling(StreamCoupling):
+class Float64Arithmetic(StreamArithmetic):
     """float64 streams: with an fp64 model, the reference every low-precision variant is compared against."""
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,10 +46,10 @@ class Float64Coupling(StreamCoupling):
 
 def test_config_selects_fixed_point_and_encode_lands_on_the_grid():
     model = RevformerForCausalLM(tiny_config(stream_dtype="fixed_point", stream_fraction_bits=20))
-    coupling = model.model.coupling
-    assert isinstance(coupling, FixedPointCoupling) and coupling.limit == 2.0**33
+    streams = model.model.streams
+    assert isinstance(streams, FixedPointArithmetic) and streams.limit == 2.0**33
     x = torch.randn(64, dtype=torch.float32, requires_grad=True)
-    stream = coupling.encode(x)
+    stream = streams.encode(x)
     assert stream.dtype == torch.float64
     assert torch.equal(stream * 2**20, (stream * 2**20).round())  # integer multiples of 2^-20
     assert (stream - x.double()).abs().max() <= 2.0**-21  # round to nearest
@@ -63,7 +63,7 @@ def test_reconstruction_is_exact_with_fixed_point_streams_only(num_layers):
     ids = torch.randint(0, 128, (1, 16))
     errors = {}
     for stream_dtype in ("fixed_point", "float32"):
-        model.model.coupling = make_coupling(stream_dtype)
+        model.model.streams = stream_arithmetic(stream_dtype)
         with torch.autocast("cpu", dtype=BF16):
             errors[stream_dtype] = model.model.reconstruction_error(ids)
     assert errors["fixed_point"] == 0.0, errors
@@ -86,12 +86,12 @@ def test_reversible_gradients_equal_plain_path_and_beat_float32_streams():
     model = build(24, weight_scale=3.0, hidden_size=64, intermediate_size=128)
     ids = torch.randint(0, 128, (2, 32))
     reference = build(24, weight_scale=3.0, hidden_size=64, intermediate_size=128).double()
-    reference.model.coupling = Float64Coupling()
+    reference.model.streams = Float64Arithmetic()
     _, ref_grads = gradients(reference, ids, reversible=False, autocast=False)
 
     results = {}
     for stream_dtype in ("fixed_point", "float32"):
-        model.model.coupling = make_coupling(stream_dtype)
+        model.model.streams = stream_arithmetic(stream_dtype)
         rev_loss, rev = gradients(model, ids, reversible=True)
         plain_loss, plain = gradients(model, ids, reversible=False)
         results[stream_dtype] = dict(
@@ -163,15 +163,15 @@ def test_gradient_checkpointing_keeps_fixed_point_streams():
 def test_a_scaled_join_inverts_bit_for_bit_and_keeps_only_its_residue(keep_bits):
     """`y = keep * x + out` with keep = +-2^-m per sequence (the bdia coupling): unjoin rebuilds x exactly, from y,
     out, keep and m packed bits per element; without the residue the inverse is off by up to 2^(m-1) grid steps."""
-    coupling = FixedPointCoupling(32, keep_bits)
+    arithmetic = FixedPointArithmetic(32, keep_bits)
     torch.manual_seed(0)
     x = torch.randint(-(10**12), 10**12, (3, 7, 5)).double() * 2.0**-32  # any grid points, odd ones too
     out = torch.randn(3, 7, 5)
     keep = torch.tensor([1.0, -1.0, 1.0]).view(3, 1, 1) * 2.0**-keep_bits
-    y, residue = coupling.join(x, out, keep)
-    assert torch.equal(coupling.unjoin(y, out, keep, residue), x)
+    y, residue = arithmetic.join(x, out, keep)
+    assert torch.equal(arithmetic.unjoin(y, out, keep, residue), x)
     assert residue.planes.dtype == torch.uint8 and residue.planes.numel() == keep_bits * -(-x.numel() // 8)
-    lossy = coupling.subtract(y, out) / keep.double()  # the inverse without the residue
+    lossy = arithmetic.subtract(y, out) / keep.double()  # the inverse without the residue
     assert (lossy - x).abs().max() > 0
     # The packed residue round-trips (105 elements: not a multiple of 8).
     values = torch.randint(0, 2**keep_bits, (3, 7, 5)).double()
@@ -186,7 +186,7 @@ def test_bdia_reconstruction_is_exact_with_fixed_point_streams_only():
     ids = torch.randint(0, 128, (2, 16))
     errors = {}
     for stream_dtype in ("fixed_point", "float32"):
-        model.model.coupling = make_coupling(stream_dtype)
+        model.model.streams = stream_arithmetic(stream_dtype)
         errors[stream_dtype] = model.model.reconstruction_error(ids)
     assert errors["fixed_point"] == 0.0 and errors["float32"] > 1e-4, errors
     with pytest.raises(ValueError, match="only in train mode"):

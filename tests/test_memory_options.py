@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import relative_error, tiny_config
 from revformer import RevformerConfig, RevformerForCausalLM
-from revformer.modeling_revformer import causal_lm_loss
+from revformer.loss import causal_lm_loss
 from revformer.reversible import chunked, upstream_gradient
 
 
@@ -45,7 +45,7 @@ CONVERTED = dict(num_key_value_heads=2, head_dim=12, qkv_bias=True, qk_norm=True
 @pytest.mark.parametrize("reversible", [True, False])
 @pytest.mark.parametrize("stream_dtype", ["float32", "fixed_point"])
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("converted", [None, "midpoint", "bdia"])
+@pytest.mark.parametrize("converted", [None, "sublayer", "bdia"])
 def test_chunked_options_give_the_unchunked_gradients(reversible, stream_dtype, autocast, converted):
     torch.manual_seed(0)
     # Chunks that do not divide the sequence (T = 45, B*T = 90) and a mixed attention stack.
@@ -89,11 +89,11 @@ def count_chunk_calls(model: RevformerForCausalLM) -> dict[str, int]:
     return calls
 
 
-@pytest.mark.parametrize("coupling", ["sublayer", "midpoint"])
+@pytest.mark.parametrize("coupling", ["sublayer", "bdia"])
 def test_reversible_engine_gets_feed_forward_gradients_without_recomputing(coupling):
     """In the engine's re-run the announced gradient lets each chunk compute output and gradients in one call; the
-    plain path recomputes each chunk in backward instead. With the midpoint coupling the feed-forward is inside the
-    engine's sublayer (a whole layer, its output scaled for layers after the first), and still fuses."""
+    plain path recomputes each chunk in backward instead. With the bdia coupling the feed-forward is inside the
+    engine's sublayer (a whole layer, its output scaled by 1 + gamma for layers after the first), and still fuses."""
     model = RevformerForCausalLM(tiny_config(num_hidden_layers=2, chunk_size_feed_forward=8, coupling=coupling)).train()
     ids = torch.randint(0, 128, (2, 48))  # 6 chunks per layer
     calls = count_chunk_calls(model)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, pipeline
 
+import revformer
 from conftest import relative_error, tiny_config
 from revformer import RevformerConfig, RevformerForCausalLM
 
@@ -34,7 +35,6 @@ def model():
         (dict(stream_dtype="int8"), "stream_dtype must be one of"),
         (dict(coupling="bdia", bdia_gamma=0.3), "bdia_gamma must be a power of two"),
         (dict(coupling="leapfrog"), "coupling must be one of"),
-        (dict(stream_merge="sum"), "stream_merge must be one of"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, message):
@@ -51,12 +51,28 @@ def test_config_round_trips_through_dict_and_auto_config(tmp_path):
     assert loaded.attention_layers == ["local", "lsh"] and loaded.reversible is False and loaded.loss_chunk_size == 16
 
 
+def relative_imports(folder, module: str) -> set[str]:
+    """The module files `module` imports relatively (`from .x import ...`), transitively, as found in `folder`."""
+    found, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        found.add(name)
+        source = (folder / f"{name}.py").read_text()
+        todo += [m for m in re.findall(r"^from \.(\w+) import", source, flags=re.M) if m not in found]
+    return found
+
+
 def test_save_and_load_round_trip(model, tmp_path):
     ids = torch.randint(0, 128, (2, 20))
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    for module in ("modeling_revformer.py", "configuration_revformer.py", "reversible.py", "attention.py"):
-        assert (tmp_path / module).exists(), module  # the code travels with the weights
+    # The code travels with the weights: every module the remote code imports, read from the package itself.
+    package = Path(revformer.__file__).parent
+    needed = relative_imports(package, "modeling_revformer") | relative_imports(package, "configuration_revformer")
+    assert {"modeling_revformer", "configuration_revformer", "reversible", "attention", "loss"} <= needed
+    for name in needed:
+        assert (tmp_path / f"{name}.py").exists(), name
+        assert not re.search(r"^(from|import) revformer", (tmp_path / f"{name}.py").read_text(), flags=re.M), name
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is RevformerForCausalLM
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
@@ -81,6 +97,10 @@ def test_remote_code_load_without_revformer_importable(model, tmp_path):
         with torch.no_grad():
             logits = model(expected["ids"]).logits
         assert torch.equal(logits, expected["logits"]), (logits - expected["logits"]).abs().max()
+        model.train()  # a reversible training step: the engine and the chunked loss from the folder's own code
+        loss = model(expected["ids"], labels=expected["ids"]).loss
+        loss.backward()
+        assert torch.isfinite(loss) and model.lm_head.weight.grad is not None
         print("remote-ok", type(model).__module__)
         """
     )
@@ -174,8 +194,8 @@ def test_generation_runs_past_max_position_embeddings_with_one_warning():
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, {"attention_layers": ["local", "lsh"]}, {"coupling": "midpoint", "num_key_value_heads": 2, "qk_norm": True},
-], ids=["full", "local+lsh", "midpoint+gqa+qk_norm"])
+    {}, {"attention_layers": ["local", "lsh"]}, {"coupling": "bdia", "num_key_value_heads": 2, "qk_norm": True},
+], ids=["full", "local+lsh", "bdia+gqa+qk_norm"])
 def test_packed_row_longer_than_the_context_equals_its_documents(overrides):
     """A padding-free row (TRL packing, DataCollatorWithFlattening) is longer than max_position_embeddings while
     no position in it is: it runs without a warning, and each document's logits and gradients equal its own run's."""
@@ -340,18 +360,3 @@ def test_from_pretrained_overrides_rederive_and_validate(tmp_path):
         RevformerConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=4)
     assert RevformerConfig.from_pretrained(tmp_path / "mixed", num_hidden_layers=4,
                                            attention_layers=["local", "lsh"] * 2).num_hidden_layers == 4
-
-
-def test_a_config_saved_before_stream_merge_loads_with_the_mean_it_was_trained_with(tmp_path):
-    torch.manual_seed(0)
-    model = RevformerForCausalLM(tiny_config(stream_merge="mean")).eval()
-    model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["stream_merge"] == "mean"
-    del saved["stream_merge"]  # what a folder written before the option looks like
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.config.stream_merge == "mean" and RevformerConfig().stream_merge == "newest"
-    ids = torch.randint(0, 128, (2, 10))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

@@ -28,17 +28,17 @@ GRID = {
     "chunked_local_lsh_dropout": dict(attention_layers=["local", "lsh", "full"], hidden_dropout=0.1,
                                       attention_dropout=0.1),
     "chunked_fixed_point": dict(attention_layers=["lsh", "local", "full"], stream_dtype="fixed_point",
-                                stream_merge="learned"),  # a parameter after the stack
+                                tie_word_embeddings=False),  # a parameter after the stack
     "unchunked_reference": dict(attention_layers=["local", "lsh", "full"], chunk_size_feed_forward=0,
-                                loss_chunk_size=0, stream_merge="mean"),
+                                loss_chunk_size=0),
     # What converted Llama-family models bring, with both couplings and every kernel.
     "llama_options_sublayer": dict(attention_layers=["local", "lsh", "full"], num_key_value_heads=2, head_dim=12,
                                    qkv_bias=True, qk_norm=True, tie_word_embeddings=False, hidden_dropout=0.1),
-    "llama_options_midpoint": dict(attention_layers=["full", "local", "lsh"], coupling="midpoint",
-                                   num_key_value_heads=1, attention_bias=True, mlp_bias=True, qk_norm=True,
-                                   tie_word_embeddings=False, hidden_dropout=0.1),
-    "midpoint_fixed_point": dict(attention_layers="full", coupling="midpoint", num_key_value_heads=2,
-                                 stream_dtype="fixed_point"),
+    "llama_options_bdia": dict(attention_layers=["full", "local", "lsh"], coupling="bdia", bdia_gamma=0.25,
+                               num_key_value_heads=1, attention_bias=True, mlp_bias=True, qk_norm=True,
+                               tie_word_embeddings=False, hidden_dropout=0.1),
+    "bdia_even_fixed_point": dict(attention_layers="full", num_hidden_layers=4, coupling="bdia",
+                                  num_key_value_heads=2, stream_dtype="fixed_point"),
     "bdia_fixed_point": dict(attention_layers=["lsh", "full", "local"], coupling="bdia", stream_dtype="fixed_point",
                              num_key_value_heads=2, qk_norm=True, tie_word_embeddings=False, hidden_dropout=0.1),
 }
@@ -66,7 +66,7 @@ def compare_worker(rank: int, rendezvous: str, failures_path: str) -> None:
         for name, overrides in GRID.items():
             for reversible in (True, False):
                 torch.manual_seed(0)
-                config = tiny_config(num_hidden_layers=3, reversible=reversible, **{**OPTIONS, **overrides})
+                config = tiny_config(**{"num_hidden_layers": 3, "reversible": reversible, **OPTIONS, **overrides})
                 model = RevformerForCausalLM(config).train()
                 ids = torch.randint(3, 128, (2, 29), generator=torch.Generator().manual_seed(2))
                 reference = gradients(model, ids)

@@ -12,6 +12,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from conftest import relative_error, tiny_config
 from revformer import RevformerForCausalLM
+from revformer.modeling_revformer import SublayerCoupling
 from revformer.reversible import reversible_stack
 
 
@@ -178,41 +179,53 @@ def test_bdia_gradients_match_plain_autograd(stream_dtype, tolerance):
     assert not torch.allclose(loss_a, loss_b)
 
 
-@pytest.mark.parametrize("stream_merge", ["mean", "newest", "learned"])
-def test_each_stream_merge_matches_plain_autograd(stream_merge):
+class LearnedMix(nn.Module, SublayerCoupling):
+    """A topology variant with parameters: the hidden state `w1 * y1 + w2 * y2` of the top streams."""
+
+    def __init__(self, hidden_size: int, w1: float, w2: float) -> None:
+        super().__init__()
+        self.weight1 = nn.Parameter(torch.full((hidden_size,), w1))
+        self.weight2 = nn.Parameter(torch.full((hidden_size,), w2))
+
+    def output(self, x1, x2):
+        return self.weight1 * x1 + self.weight2 * x2
+
+
+class EmbedOne(SublayerCoupling):
+    """A topology variant of the first streams: the embedding feeds the second stream only."""
+
+    def inputs(self, x):
+        return torch.zeros_like(x), x
+
+
+@pytest.mark.parametrize("variant", ["default", "learned_mix", "embed_one"])
+@pytest.mark.parametrize("stream_dtype", ["float32", "fixed_point"])
+def test_coupling_variants_match_plain_autograd(variant, stream_dtype):
+    """`coupling=` replaces the topology the config names: the engine and the plain path both follow it, and a
+    topology's own parameters train with the model."""
     torch.manual_seed(0)
-    model = RevformerForCausalLM(tiny_config(num_hidden_layers=5, stream_merge=stream_merge)).train()
-    if stream_merge == "learned":  # weights away from their initial mean, so that a wrong merge shows
-        with torch.no_grad():
-            model.model.stream_merge.weight1.uniform_(-1.0, 1.0)
-            model.model.stream_merge.weight2.uniform_(-1.0, 1.0)
+    config = tiny_config(num_hidden_layers=5, stream_dtype=stream_dtype)
+    coupling = {"default": None, "learned_mix": LearnedMix(config.hidden_size, 0.3, -0.8), "embed_one": EmbedOne()}
+    model = RevformerForCausalLM(config, coupling=coupling[variant]).train()
+    assert (variant == "learned_mix") == ("model.coupling.weight1" in dict(model.named_parameters()))
     ids = torch.randint(0, 128, (2, 24))
     errors = assert_same_gradients(model, ids, tolerance=1e-5)
-    assert ("model.stream_merge.weight1" in errors) == (stream_merge == "learned")
+    assert ("model.coupling.weight1" in errors) == (variant == "learned_mix")
 
 
-def test_stream_merges_are_the_mean_the_newest_and_the_learned_mix_of_the_top_streams():
-    """With the same weights: learned (0.5, 0.5) is the mean, (0, 1) the newest stream y2, and (1, 0) gives
-    y1 = 2 * mean - y2; every hidden state (after each block and the last) follows the merge."""
+def test_hidden_states_are_the_topology_output_after_every_layer():
+    """The default hidden state is the newest stream: a mix weighted (0, 1) gives the same hidden states after every
+    layer, (1, 0) the other stream, which differs."""
     torch.manual_seed(0)
-    models = {m: RevformerForCausalLM(tiny_config(num_hidden_layers=3, stream_merge=m)).eval()
-              for m in ("mean", "newest", "learned")}
+    config = tiny_config(num_hidden_layers=3)
+    models = {"newest": RevformerForCausalLM(config).eval(),
+              "mix01": RevformerForCausalLM(config, coupling=LearnedMix(config.hidden_size, 0.0, 1.0)).eval(),
+              "mix10": RevformerForCausalLM(config, coupling=LearnedMix(config.hidden_size, 1.0, 0.0)).eval()}
     for model in models.values():
-        model.load_state_dict(models["mean"].state_dict(), strict=False)
+        model.load_state_dict(models["newest"].state_dict(), strict=False)
     ids = torch.randint(0, 128, (2, 12))
-
-    def hidden(name, w1=None, w2=None):
-        model = models[name]
-        if w1 is not None:
-            with torch.no_grad():
-                model.model.stream_merge.weight1.fill_(w1)
-                model.model.stream_merge.weight2.fill_(w2)
-        with torch.no_grad():
-            out = model(ids, output_hidden_states=True)
-        return torch.stack(out.hidden_states[1:]), out.hidden_states[-1]
-
-    mean, newest = hidden("mean"), hidden("newest")
-    assert relative_error(mean[0], newest[0]) > 1e-2  # the streams differ, so the test can tell the merges apart
-    torch.testing.assert_close(hidden("learned", 0.5, 0.5)[0], mean[0])
-    torch.testing.assert_close(hidden("learned", 0.0, 1.0)[0], newest[0])
-    torch.testing.assert_close(hidden("learned", 1.0, 0.0)[0], 2 * mean[0] - newest[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        hidden = {name: torch.stack(m(ids, output_hidden_states=True).hidden_states) for name, m in models.items()}
+    assert hidden["newest"].shape[0] == 1 + config.num_hidden_layers
+    torch.testing.assert_close(hidden["mix01"], hidden["newest"])
+    assert relative_error(hidden["mix10"][1:], hidden["newest"][1:]) > 1e-2  # the streams differ

@@ -10,11 +10,12 @@ Every stage runs through the project's own CLI, so what is measured is what a us
     finetune    the healed model and the teacher, fine-tuned the same way on the held-out folders
                 (text the teacher never saw); then peak activation memory of one forward+backward at 4K tokens
 
-    python scripts/benchmark_conversion.py                       # all stages, results in benchmarks/results/conversion
-    python scripts/benchmark_conversion.py --stages teacher      # one stage (each reuses what earlier ones wrote)
-    python scripts/benchmark_conversion.py --tiny --work DIR     # the whole pipeline at tiny sizes (results in DIR)
+    python -m benchmarks conversion                       # all stages, results in benchmarks/results/conversion
+    python -m benchmarks conversion --stages teacher      # one stage (each reuses what earlier ones wrote)
+    python -m benchmarks conversion --tiny --work DIR     # the whole pipeline at tiny sizes (results in DIR)
 
-Finished stages are skipped on a rerun (their folders hold `eval_results.json`), so a stopped run goes on.
+Finished stages are skipped on a rerun (their folders hold `eval_results.json`), so a stopped run goes on. The
+report also renders the recorded figures of couplings that `convert.py` no longer offers (RETIRED).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from .. import RESULTS as ALL_RESULTS
 from ..probes import proc_status, reset_peak_rss
 from ..report import pyplot, save_figure
 from ..runner import MALLOC_ENV, emit, run_worker
+from . import command
+
+NAME = "conversion"
 
 RESULTS = ALL_RESULTS / "conversion"
 # Folders of the stdlib that pretraining never sees: the fine-tuning stage's "new text" (GUI code).
@@ -147,14 +151,21 @@ def stage_teacher(work: Path, steps: int) -> Path:
     return final
 
 
-# The couplings compared; the first that heals best is what the README reports as convert.py's default.
+# The couplings compared.
 CANDIDATES = {
-    "midpoint": ["--coupling", "midpoint"],  # p[l+1] = p[l-1] + 2 f_l(p[l]), first step 1
-    "sublayer": ["--coupling", "sublayer"],  # y1 = x1 + A(x2), y2 = x2 + M(y1), mean of the streams
-    "midpoint_step1": ["--coupling", "midpoint", "--midpoint-step", "1"],  # p[l+1] = p[l-1] + f_l(p[l])
+    "sublayer": ["--coupling", "sublayer"],  # y1 = x1 + A(x2), y2 = x2 + M(y1), the newest stream y2 out
     # p[l+1] = g p[l-1] + (1 - g) p[l] + (1 + g) f_l(p[l]), g = +-1/16 in training, 0 in evaluation (the source)
     "bdia": ["--coupling", "bdia"],
 }
+# Couplings the library no longer builds; their recorded results stay in results.json and in the report.
+RETIRED = {
+    "midpoint": "p[l+1] = p[l-1] + 2 f_l(p[l]), first step 1",
+    "midpoint_step1": "p[l+1] = p[l-1] + f_l(p[l])",
+}
+REPORTED = ("midpoint", "sublayer", "midpoint_step1", "bdia")  # the report's row order
+# How `sublayer` conversions made now read their output; a recorded conversion without this mark read the mean of
+# the two top streams.
+SUBLAYER_OUTPUT = "newest stream"
 # A conversion this close to the teacher needs no healing: the finetune stage then fine-tunes it as converted too.
 NO_HEALING_NEEDED = 0.02
 
@@ -239,7 +250,9 @@ def stage_heal(work: Path, teacher: Path, names: list[str]) -> None:
                     work / "logs" / f"convert_{name}.log")
             unchunked_loss(converted)
         if f"convert/{name}" not in results:
-            save_result(f"convert/{name}", {"loss": evaluate_cli(converted, pretrain, work / "logs" / f"eval_{name}.log")})
+            loss = evaluate_cli(converted, pretrain, work / "logs" / f"eval_{name}.log")
+            marks = {"output": SUBLAYER_OUTPUT} if name == "sublayer" else {}
+            save_result(f"convert/{name}", {"loss": loss, **marks})
         if needs_no_healing(load_results(), name):
             loss = load_results()[f"convert/{name}"]["loss"]
             save_result(f"heal/{name}", {"curve": [], "final_loss": loss, "tokens": 0, "learning_rate": None,
@@ -372,14 +385,19 @@ def stage_memory(work: Path, teacher: Path, healed_name: str) -> None:
                 save_result("memory", rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default="runs/benchmark_conversion", help="folder for models and logs")
     parser.add_argument("--stages", default="teacher,heal,gamma,finetune,scratch,memory,report",
                         help="comma-separated: teacher, heal, gamma, finetune, scratch, memory, report")
     parser.add_argument("--couplings", default=",".join(CANDIDATES), help=f"of {list(CANDIDATES)}")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks the pipeline, measures nothing")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    unknown = set(args.couplings.split(",")) - set(CANDIDATES)
+    if unknown:
+        retired = " (retired: the library no longer builds them)" * bool(unknown & set(RETIRED))
+        raise SystemExit(f"unknown couplings {sorted(unknown)}{retired}; choose from {list(CANDIDATES)}")
     global S, RESULTS
     if args.tiny:
         S, RESULTS = TINY, Path(args.work).resolve() / "results"
@@ -406,6 +424,14 @@ def main(argv: list[str] | None = None) -> None:
         report()
 
 
+def recorded_label(label: str, coupling: str) -> str:
+    """`label` of a recorded figure, marked when it measured a retired coupling."""
+    if coupling not in RETIRED:
+        return label
+    mark = "retired coupling, recorded"
+    return f"{label[:-1]}; {mark})" if label.endswith(")") else f"{label} ({mark})"
+
+
 def report() -> None:
     """benchmarks/results/conversion/README.md (tables) and healing.png (curves) from results.json."""
     import platform
@@ -419,7 +445,7 @@ def report() -> None:
     lines = [
         "# Converting a pretrained Llama into revformer: measured on CPU",
         "",
-        f"`python scripts/benchmark_conversion.py` on {platform.processor() or platform.machine()}, "
+        f"`{command(NAME)}` on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}. Validation loss in nats/token (bytes) on the whole "
         "validation split of the pretraining corpus (the stdlib minus " + ", ".join(HELD_OUT_FOLDERS) + "); curves "
         "in healing.png (mid-run points on a fixed sample of 20 batches).",
@@ -433,16 +459,28 @@ def report() -> None:
         "| coupling | at conversion | healed (KL to the teacher) | vs teacher | healing tokens | wall |",
         "|---|---|---|---|---|---|",
     ]
-    for name in CANDIDATES:
+    for name in REPORTED:
         if f"heal/{name}" in r:
             h = r[f"heal/{name}"]
             healed = f"{h['final_loss']:.4f}" if h["tokens"] else "none needed"
-            lines.append(f"| {name} | {r[f'convert/{name}']['loss']:.4f} | {healed} | "
+            lines.append(f"| {recorded_label(name, name)} | {r[f'convert/{name}']['loss']:.4f} | {healed} | "
                          f"{gap(h['final_loss'])} | {mtok(h['tokens'])} | {h['wall_s'] / 60:.0f} min |")
     if "scratch" in r:
         sc = r["scratch"]
         lines.append(f"| same shape from scratch (cross-entropy, lr {sc['learning_rate']:g}) | - | {sc['final_loss']:.4f} | "
                      f"{gap(sc['final_loss'])} | {mtok(sc['tokens'])} | {sc['wall_s'] / 60:.0f} min |")
+    notes = []
+    retired = [name for name in RETIRED if f"heal/{name}" in r]
+    if retired:
+        which = "; ".join(f"`{name}` ({RETIRED[name]})" for name in retired)
+        them = "them" if len(retired) > 1 else "it"
+        notes.append(f"Retired coupling{'s' * (len(retired) > 1)} {which}: recorded before the library stopped "
+                     f"building {them}; `convert.py` no longer offers {them}.")
+    if "heal/sublayer" in r and r.get("convert/sublayer", {}).get("output") != SUBLAYER_OUTPUT:
+        notes.append("The `sublayer` row was recorded with the mean of the two top streams as the hidden state; "
+                     "`convert.py --coupling sublayer` now outputs the newest stream, not measured here yet.")
+    for note in notes:
+        lines += ["", note]
     if "gamma" in r:
         g = r["gamma"]
         lines += ["", "bdia's gamma: the loss of the network that training runs (each layer's gamma drawn, "
@@ -460,7 +498,8 @@ def report() -> None:
                   "saw), the same command for every model; validation loss on their own validation split:", "",
                   "| model | before | after fine-tuning | tokens |", "|---|---|---|---|"]
         for name, f in finetunes.items():
-            lines.append(f"| {name} | {f['before']:.4f} | {f['final_loss']:.4f} | {mtok(f['tokens'])} |")
+            label = recorded_label(name, name.split("_", 1)[-1])
+            lines.append(f"| {label} | {f['before']:.4f} | {f['final_loss']:.4f} | {mtok(f['tokens'])} |")
     if "memory" in r:
         for vocab in S.memory_vocabs:
             rows = [row for row in r["memory"] if row.get("vocab") == vocab]
@@ -473,7 +512,8 @@ def report() -> None:
                       "|---" * (len(S.memory_layers) + 1) + "|"]
             by = {}
             for row in rows:
-                by.setdefault(row["model"], {})[row["layers"]] = row["activation_bytes"] / 2**20
+                label = recorded_label(row["model"], Path(row["folder"]).name)
+                by.setdefault(label, {})[row["layers"]] = row["activation_bytes"] / 2**20
             for model, cells in by.items():
                 lines.append(f"| {model} | " + " | ".join(f"{cells.get(n, float('nan')):.0f} MiB"
                                                          for n in S.memory_layers) + " |")
@@ -484,7 +524,7 @@ def report() -> None:
 
 def plot(r: dict[str, Any]) -> None:
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
-    for name in [*CANDIDATES, "scratch"]:
+    for name in [*REPORTED, "scratch"]:
         key = name if name == "scratch" else f"heal/{name}"
         if key not in r:
             continue

@@ -4,8 +4,8 @@ Prints the corpus size (documents, UTF-8 bytes, tokens), BPE training time, and 
 throughput of tokenization + packing, with library versions and CPU information.
 Every stage runs in a fresh cache, then once more to time the cache hit.
 
-    python scripts/benchmark_data.py --vocab-size 8192 --train-max-bytes 20000000
-    python scripts/benchmark_data.py --tiny --out DIR/data   # 40 stdlib files, seconds: the test's run
+    python -m benchmarks data --vocab-size 8192 --train-max-bytes 20000000
+    python -m benchmarks data --tiny --out DIR/data   # 40 stdlib files, seconds: the test's run
 
 ``--out PREFIX`` also writes PREFIX.jsonl (the figures as one record) and PREFIX.md.
 """
@@ -23,6 +23,8 @@ from typing import Any
 
 from ..env import cpu_name
 from ..report import write_jsonl
+
+NAME = "data"
 
 TINY = {"vocab_size": 300, "train_max_bytes": 100_000, "block_size": 128, "files": 40, "chars": 8000}
 
@@ -56,8 +58,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['bytes_per_token']:.2f} | {r['pack_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['rerun_s']:.2f} |", ""])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--train-max-bytes", type=int, default=20_000_000)
     parser.add_argument("--block-size", type=int, default=1024)
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
     parser.add_argument("--tiny", action="store_true", help=f"a small slice of the stdlib and small sizes ({TINY})")
     parser.add_argument("--out", type=Path, default=None, help="also write OUT.jsonl and OUT.md")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.tiny:
         args.vocab_size, args.train_max_bytes, args.block_size = (TINY[k] for k in ("vocab_size", "train_max_bytes",
                                                                                      "block_size"))

@@ -1,25 +1,27 @@
 """Quality against depth: revformer (reversible) and a Llama of equal parameters on the same tokens, at several depths.
 
-Usage: python scripts/benchmark_depth_quality.py [--tiny] [--jobs 2] [--out DIR] [run|ablate|bdia|seed|report]
+Usage: python -m benchmarks depth_quality [--tiny] [--jobs 2] [--out DIR] [run|ablate|bdia|seed|report]
 
 The models have the same width, depth, heads, SwiGLU width, byte vocabulary and tied embeddings; their parameter
-counts are equal (printed per run). `run` sweeps and trains revformer as shipped, Llama, and revformer with the mean
-merge (`revformer_mean`, the default before, the ablations' base): for each depth and model the learning rate is
-picked on a short sweep (`sweep_steps`, validation bpb on an evenly spaced sample of the validation split), then
-the best one trains for `steps` steps, logging validation bpb every `eval_every` steps on the split's first
-`curve_blocks` blocks and scoring the whole validation split at the end. revformer's plain path
-(`reversible=False`) trains once at `plain_depth` with revformer's learning rate as a check that the reversible
-engine changes nothing. The reversible runs report the reconstruction error of their trained weights (float32
-streams; 0 would mean bit-exact).
+counts are equal (printed per run). `run` sweeps and trains revformer as shipped, Llama, and revformer whose hidden
+state is the mean of its two top streams (`revformer_mean`, the ablations' base; benchmarks.topologies.MeanMerge): for
+each depth and model the learning rate is picked on a short sweep (`sweep_steps`, validation bpb on an evenly spaced
+sample of the validation split), then the best one trains for `steps` steps, logging validation bpb every
+`eval_every` steps on the split's first `curve_blocks` blocks and scoring the whole validation split at the end.
+revformer's plain path (`reversible=False`) trains once at `plain_depth` with revformer's learning rate as a check
+that the reversible engine changes nothing. The reversible runs report the reconstruction error of their trained
+weights (float32 streams; 0 would mean bit-exact).
 
 `ablate`: one controlled run per hypothesis on the deepest mean-merge model, stopped at `ablation_steps` on the
 main runs' schedule (the learning rate, then each of benchmarks.models.ABLATIONS at the best rate). `bdia`: the bdia
 coupling from scratch at Llama's rates. `seed`: Llama's deepest main run again with another seed.
 
-Data: the stdlib byte corpus of `revformer.data` (files held out by hash for validation), the quality suite of
-benchmark.py. Every run is a fresh process (`python -m benchmarks.worker`), `--jobs` of them at once, one thread each.
-Results are appended run by run to `benchmarks/results/depth_quality/<phase>.jsonl`, so a stopped sweep resumes
-where it stopped; README.md, depth_quality.png and ablations.png are re-rendered after every run.
+Data: the stdlib byte corpus of `revformer.data` (files held out by hash for validation), as in `compare --suite
+quality`; revformer.trainer's learning-rate schedule (5% warm-up, cosine to 10%), AdamW (0.9, 0.95) with weight decay
+0.1, gradients clipped at norm 1.0 (benchmarks.corpus). Every run is a fresh process (`python -m benchmarks.worker`),
+`--jobs` of them at once, one thread each. Results are appended run by run to
+`benchmarks/results/depth_quality/<phase>.jsonl`, so a stopped sweep resumes where it stopped; README.md,
+depth_quality.png and ablations.png are re-rendered after every run.
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ from .. import RESULTS
 from ..models import ABLATIONS, LABELS, Spec
 from ..report import model_style, pyplot, read_records, save_figure
 from ..runner import Runner
+from . import command
+
+NAME = "depth_quality"
 
 OUT = RESULTS / "depth_quality"
-# The ablations' base: revformer with the mean merge, the default when they ran (its sweep and main runs are kept
-# under this name); they found the newest-stream merge, now the default.
+# The ablations' base: revformer whose hidden state is the mean of its top streams (its sweep and main runs are kept
+# under this name); against it the ablations measured the newest-stream output, revformer's own.
 ABLATION_BASE = "revformer_mean"
 SWEPT = ("revformer", "llama", ABLATION_BASE)  # swept and trained by `run`
 
@@ -151,7 +156,7 @@ def render(out: Path) -> str:
         f"validation split. Equal parameter counts: same width, depth, heads, SwiGLU width and tied embeddings.",
         "",
         f"Machine: {env.get('cpu') or env.get('device_name', '?')}, torch {env.get('torch')}, transformers "
-        f"{env.get('transformers')}, one thread per run. Reproduce: `python scripts/benchmark_depth_quality.py`.",
+        f"{env.get('transformers')}, one thread per run. Reproduce: `{command(NAME)}`.",
         "",
         "| layers | params | Llama bpb (lr) | revformer bpb (lr) | revformer vs Llama | mean merge (earlier default) "
         "bpb (lr) | mean merge vs Llama | reconstruction error | run time Llama / revformer |",
@@ -356,8 +361,7 @@ def seed_phase(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
 PHASES = {"ablate": ablate, "bdia": bdia_phase, "seed": seed_phase}  # the commands after the main runs
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", nargs="?", default="run", choices=("run", *PHASES, "report"),
                    help="run: the sweep and the main runs; ablate: the ablations of the deepest revformer; bdia: the "
                         "bdia coupling from scratch; seed: Llama's deepest main run with another seed")
@@ -365,7 +369,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--worker-timeout", type=float, default=4 * 3600.0)
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     sizes = TINY if args.tiny else Sizes()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.command == "report":

@@ -1,5 +1,8 @@
 """Cost of data.document_attention: one forward+backward of the tiny recipe's model on packed blocks (~3 documents
-per block), with position_ids restarting at each document and without. Usage: python scripts/benchmark_documents.py
+per block), with position_ids restarting at each document and without.
+
+    python -m benchmarks documents
+    python -m benchmarks documents --tiny --out DIR/documents   # a tiny model: the test's run
 
 Prints the machine and versions, then the best of 3 timed steps (after one warm-up) for each setting, the two
 settings interleaved. ``--out PREFIX`` also writes PREFIX.jsonl (one record per case) and PREFIX.md; ``--tiny``: a
@@ -15,6 +18,8 @@ from typing import Any
 
 from ..probes import interleaved_times
 from ..report import write_jsonl
+
+NAME = "documents"
 
 CASES = [("full", 256), ("full", 1024), (["full", "local", "full", "lsh"], 1024)]
 MODEL = dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
@@ -61,11 +66,12 @@ def markdown(header: str, records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny model and blocks (the test's run)")
     p.add_argument("--out", type=Path, default=None, help="also write OUT.jsonl and OUT.md")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     import torch
     import transformers
 

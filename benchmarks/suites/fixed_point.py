@@ -9,9 +9,9 @@ Then the fixed-point error against `stream_fraction_bits` at one depth, and the 
 fp32 streams (reversible path, bf16 autocast, AdamW; steps interleaved so load drift hits both; median after warm-up),
 with 2 threads (wall time) and 1 thread (wall and process CPU time, which other processes on the machine barely skew).
 
-    python scripts/benchmark_fixed_point.py            # full run, a few minutes on 2 CPU cores
-    python scripts/benchmark_fixed_point.py --quick    # smoke test
-    python scripts/benchmark_fixed_point.py --tiny --out DIR   # seconds: the test's run
+    python -m benchmarks fixed_point            # full run, a few minutes on 2 CPU cores
+    python -m benchmarks fixed_point --quick    # smoke test
+    python -m benchmarks fixed_point --tiny --out DIR   # seconds: the test's run
 
 Writes benchmarks/results/fixed_point_cpu.jsonl (one JSON object per line), .png and .md (`_quick` / `_tiny` with
 those flags).
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from revformer import RevformerConfig, RevformerForCausalLM
-from revformer.reversible import StreamCoupling, make_coupling
+from revformer.reversible import StreamArithmetic, stream_arithmetic
 
 from .. import RESULTS
 from ..env import cpu_name
@@ -38,29 +38,35 @@ from ..models import autocast as bf16_autocast
 from ..probes import max_relative_error
 from ..report import pyplot, save_figure, write_jsonl
 
+NAME = "fixed_point"
 
-class Float64Coupling(StreamCoupling):
+
+class Float64Arithmetic(StreamArithmetic):
     """float64 streams, for the fp64 reference."""
 
     def encode(self, x: Tensor) -> Tensor:
         return x.double()
 
 
-class BFloat16Coupling(StreamCoupling):
+class BFloat16Arithmetic(StreamArithmetic):
     """bf16 streams: what a model cast wholesale to bf16 would keep."""
 
     def encode(self, x: Tensor) -> Tensor:
         return x.bfloat16()
 
 
-def coupling(streams: str, fraction_bits: int = 32) -> StreamCoupling:
-    return BFloat16Coupling() if streams == "bfloat16" else make_coupling(streams, fraction_bits)
+def arithmetic(streams: str, fraction_bits: int = 32) -> StreamArithmetic:
+    """The stream arithmetic named `streams`: bfloat16, float32 or fixed_point (with `fraction_bits`)."""
+    return BFloat16Arithmetic() if streams == "bfloat16" else stream_arithmetic(streams, fraction_bits)
 
 
-def build(depth: int, weight_scale: float, dtype: torch.dtype = torch.float32, **sizes) -> RevformerForCausalLM:
+def build(depth: int, weight_scale: float, dtype: torch.dtype = torch.float32, streams: StreamArithmetic | None = None,
+          **sizes) -> RevformerForCausalLM:
+    """The measured model with `streams` (default: the config's float32 streams); the same weights for every
+    `streams`, since each build starts from the same seed."""
     torch.manual_seed(0)
     config = RevformerConfig(vocab_size=128, num_hidden_layers=depth, max_position_embeddings=1024, **sizes)
-    model = RevformerForCausalLM(config).to(dtype).train()
+    model = RevformerForCausalLM(config, streams=streams).to(dtype).train()
     with torch.no_grad():
         for p in model.model.layers.parameters():
             if p.dim() == 2:  # linear weights; norms stay at 1
@@ -87,15 +93,13 @@ def accuracy(depths: list[int], fraction_bits: list[int], sweep_depth: int, args
     ids = torch.randint(0, 128, (2, args.seq), generator=torch.Generator().manual_seed(0))
     rows = []
     for depth in depths:
-        reference_model = build(depth, args.weight_scale, torch.float64, **sizes)
-        reference_model.model.coupling = Float64Coupling()
+        reference_model = build(depth, args.weight_scale, torch.float64, Float64Arithmetic(), **sizes)
         reference = gradients(reference_model, ids, reversible=False, autocast=False)
-        model = build(depth, args.weight_scale, **sizes)
         variants = [(s, 32) for s in ("bfloat16", "float32", "fixed_point")]
         if depth == sweep_depth:
             variants += [("fixed_point", k) for k in fraction_bits if k != 32]
         for streams, k in variants:
-            model.model.coupling = coupling(streams, k)
+            model = build(depth, args.weight_scale, streams=arithmetic(streams, k), **sizes)
             row = dict(
                 kind="accuracy", depth=depth, streams=streams, fraction_bits=k if streams == "fixed_point" else None
             )
@@ -129,14 +133,15 @@ def step_times(args: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(threads)
         for hidden, depth, seq, batch in args.timing_shapes:
             sizes = dict(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_attention_heads=hidden // 64)
-            model = build(depth, 1.0, **sizes)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)  # tiny steps: the timed model stays as built
+            # One model per stream arithmetic, the same weights; tiny optimizer steps keep them as built.
+            models = {name: build(depth, 1.0, streams=stream_arithmetic(name), **sizes)
+                      for name in ("float32", "fixed_point")}
+            optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-6) for name, m in models.items()}
             ids = torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(0))
-            couplings = {"float32": make_coupling("float32"), "fixed_point": make_coupling("fixed_point")}
-            times: dict[str, dict[str, list[float]]] = {n: {"fwd_bwd": [], "step": [], "cpu": []} for n in couplings}
+            times: dict[str, dict[str, list[float]]] = {n: {"fwd_bwd": [], "step": [], "cpu": []} for n in models}
             for step in range(args.warmup + args.steps):
-                for name, c in couplings.items():  # interleaved, so load from other processes hits both alike
-                    model.model.coupling = c
+                for name, model in models.items():  # interleaved, so load from other processes hits both alike
+                    optimizer = optimizers[name]
                     start, cpu_start = time.perf_counter(), time.process_time()
                     gradients(model, ids, reversible=True, autocast=True)
                     middle = time.perf_counter()
@@ -153,7 +158,7 @@ def step_times(args: argparse.Namespace) -> list[dict]:
             row = dict(
                 kind="step_time", threads=threads, hidden_size=hidden, depth=depth, seq=seq, batch=batch,
                 steps=args.steps,
-                **{f"{name}_{kind}_s": statistics.median(t) for name in couplings for kind, t in times[name].items()},
+                **{f"{name}_{kind}_s": statistics.median(t) for name in models for kind, t in times[name].items()},
                 overhead_fwd_bwd=overhead("fwd_bwd"), overhead_step=overhead("step"), overhead_step_cpu=overhead("cpu"),
             )  # fmt: skip
             rows.append(row)
@@ -269,8 +274,7 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[6, 12, 24, 48, 96])
     parser.add_argument("--fraction-bits", type=int, nargs="+", default=[12, 16, 20, 24, 32, 40, 48])
     parser.add_argument("--sweep-depth", type=int, default=24)
@@ -284,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="two depths, one small timing shape")
     parser.add_argument("--tiny", action="store_true", help="two shallow depths, one tiny timing shape, one thread")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     # (hidden, layers, seq, batch): three widths, since the fixed-point work is per stream element while the
     # matmul work per element grows with width.
     args.timing_shapes = [(256, 8, 256, 4), (512, 4, 512, 2), (1024, 2, 512, 2)]

@@ -1,8 +1,8 @@
 """Per-rank memory of FSDP2 training with 1 and 2 ranks, for a model whose parameters dominate memory.
 
-    python scripts/benchmark_fsdp.py                 # CPU: ranks over gloo; writes benchmarks/results/fsdp_<device>.*
-    python scripts/benchmark_fsdp.py --device cuda   # one GPU per rank
-    python scripts/benchmark_fsdp.py --tiny --results DIR   # a tiny model: the test's run
+    python -m benchmarks fsdp                 # CPU: ranks over gloo; writes benchmarks/results/fsdp_<device>.*
+    python -m benchmarks fsdp --device cuda   # one GPU per rank
+    python -m benchmarks fsdp --tiny --results DIR   # a tiny model: the test's run
 
 Each configuration runs in fresh processes (torchrun). Every rank builds the model, shards each sublayer with
 `fully_shard` (the units accelerate's FSDP plugin uses with configs/accelerate/fsdp.yaml), runs forward, reversible
@@ -29,6 +29,9 @@ from .. import REPO, RESULTS
 from ..env import cpu_name
 from ..report import write_jsonl
 from ..runner import MALLOC_ENV
+from . import command
+
+NAME = "fsdp"
 
 MODEL_ARGS = ("device", "layers", "width", "vocab", "seq", "batch")
 TINY = {"layers": 2, "width": 64, "vocab": 256, "seq": 16, "batch": 1}  # --tiny: one 64-wide head per layer
@@ -105,8 +108,7 @@ def worker(payload: dict[str, Any]) -> None:
     dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--width", type=int, default=512)
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--tiny", action="store_true", help=f"model sizes {TINY} (the test's run)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.tiny:
         vars(args).update(TINY)
 
@@ -142,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"FSDP2 per-rank memory, {device_name}, torch {torch.__version__}; reversible model "
         f"{args.layers} x {args.width}, vocab {args.vocab} ({rows[0]['params'] / 1e6:.1f}M parameters), "
-        f"batch {args.batch} x {args.seq} tokens, AdamW. Command: `python scripts/benchmark_fsdp.py"
-        f"{' --device cuda' if args.device == 'cuda' else ''}`",
+        f"batch {args.batch} x {args.seq} tokens, AdamW. Command: "
+        f"`{command(NAME, *(['--device', 'cuda'] if args.device == 'cuda' else []))}`",
         "",
         "| ranks | rank | params + grads + Adam state held (MiB) | peak memory (MiB) | all-gathers / reduce-scatters per step |",
         "|---|---|---|---|---|",

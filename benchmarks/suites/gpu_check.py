@@ -1,7 +1,7 @@
 """The whole GPU verification of revformer as one command, under a total time cap (default 8 minutes).
 
-    python scripts/gpu_check.py               # on a CUDA machine: results in benchmarks/results/cuda/<gpu-name>/
-    python scripts/gpu_check.py --dry-run     # the same stages end to end on the CPU at tiny sizes (CI runs this)
+    python -m benchmarks gpu_check              # on a CUDA machine: results in benchmarks/results/cuda/<gpu-name>/
+    python -m benchmarks gpu_check --dry-run    # the same stages end to end on the CPU at tiny sizes (CI runs this)
 
 Stages, in order of importance (a stage that runs out of its share of the time is stopped, its partial results
 kept, and the next one starts; unused time passes to later stages):
@@ -9,17 +9,17 @@ kept, and the next one starts; unused time passes to later stages):
 1. ``env``: device, driver, torch / CUDA / transformers versions, SDPA kernel availability;
 2. ``tests``: ``pytest -m gpu tests/test_cuda.py`` (gradient parity with CUDA RNG replay, fixed-point exactness,
    kernels vs reference, SDPA backend per call, fp16 + GradScaler, memory flat in depth, cached generation);
-3. ``core``: ``benchmark.py --suite core`` in bf16 at 12 x 1024, 8K tokens: reversible vs plain vs Llama (+/-
+3. ``core``: ``compare --suite core`` in bf16 at 12 x 1024, 8K tokens: reversible vs plain vs Llama (+/-
    checkpointing) step time, and from it model FLOPs utilization (MFU) at 8K tokens on full attention;
 4. ``length``: the longest-sequence targets for the enwik8 recipe (configs/enwik8_reformer.yaml, 12 x 1024,
    default memory options): does one training step fit at 1M tokens (its local/LSH layers) and at 256K tokens with
    full (flash) attention; then the next doubling, or the half when the target fails;
-5. ``depth``: ``benchmark.py --suite depth`` (memory only): activation memory against depth at GPU sizes;
-6. ``longseq``: ``benchmark.py --suite longseq``: peak memory against length per attention kind;
-7. ``memory``: ``benchmark.py --suite memory``: revformer's memory options against Llama +/- checkpointing.
+5. ``depth``: ``compare --suite depth`` (memory only): activation memory against depth at GPU sizes;
+6. ``longseq``: ``compare --suite longseq``: peak memory against length per attention kind;
+7. ``memory``: ``compare --suite memory``: revformer's memory options against Llama +/- checkpointing.
 
 Everything goes to the output folder: ``gpu_check.log`` (the console), ``env.json``, ``tests.*``, ``bench/`` (the
-benchmark suites' JSON lines, tables and plots), ``length_targets.jsonl`` and ``SUMMARY.md`` / ``summary.json``
+compare parts' JSON lines, tables and plots), ``length_targets.jsonl`` and ``SUMMARY.md`` / ``summary.json``
 (the GPU targets: reversible bf16 step <= 1.25x plain at 12 x 1024 and 8K tokens; longest sequence >= 1M tokens
 with local/LSH and >= 256K with full attention; MFU >= 40% at 8K). Installs nothing.
 """
@@ -40,6 +40,9 @@ from .. import REPO, RESULTS
 from ..env import cpu_name, git_commit, gpu_slug
 from ..report import read_records
 from ..runner import RESULT_PREFIX, emit, parse_records, run_command, worker_command
+from . import argv_of, command, compare
+
+NAME = "gpu_check"
 
 RECIPE = REPO / "configs" / "enwik8_reformer.yaml"
 MiB, GiB = 2**20, 2**30
@@ -109,7 +112,7 @@ class Console:
 
 
 def bench_sets(dry: bool) -> dict[str, list[str]]:
-    """`benchmark.py --set` overrides of each suite: GPU sizes that fit the cap, or tiny CPU sizes."""
+    """`compare --set` overrides of each part: GPU sizes that fit the cap, or tiny CPU sizes."""
     if dry:
         tiny = {"hidden_size": 32, "num_heads": 2}
         return {
@@ -316,9 +319,9 @@ class Check:
     # -- 3-7. benchmark suites
     def benchmark(self, suite: str, budget: float, models: str, extra: list[str] | None = None,
                   sizes: dict[str, Any] | None = None) -> dict[str, Any]:
-        cmd = [sys.executable, "-m", "benchmarks.cli", "--suite", suite, "--device", self.device, "--dtype", "bf16",
-               "--models", models, "--out", str(self.bench), "--no-report", "--threads", str(self.args.threads),
-               "--worker-timeout", str(max(10, int(budget))), *(extra or [])]
+        cmd = argv_of(compare.NAME, "--suite", suite, "--device", self.device, "--dtype", "bf16", "--models", models,
+                      "--out", str(self.bench), "--no-report", "--threads", str(self.args.threads),
+                      "--worker-timeout", str(max(10, int(budget))), *(extra or []))
         for key, value in (sizes or {}).items():
             cmd += ["--set", f"{suite}.{key}={json.dumps(value)}"]
         result = run_command(cmd, self.console, budget, self.python_env())
@@ -342,12 +345,10 @@ class Check:
         return self.benchmark("longseq", budget, "revformer", sizes=bench_sets(self.dry)["longseq"])
 
     def stage_memory(self, budget: float) -> dict[str, Any]:
-        from ..cli import defaults as suite_defaults
-
         # One length, no longest-sequence search (the length stage has the targets): revformer's memory options
         # against Llama +/- checkpointing at the suite's realistic vocabulary. Dry run: one Llama worker.
         if self.dry:
-            defaults = suite_defaults("cpu")["memory"]
+            defaults = compare.defaults("cpu")["memory"]
             return self.benchmark("memory", budget, "llama", sizes={**shrink(defaults), "longest": []})
         return self.benchmark("memory", budget, "revformer,llama,llama_ckpt",
                               sizes={"lengths": [32768], "longest": []})  # []: no variant searched
@@ -402,16 +403,14 @@ class Check:
 
     # -- summary
     def write_summary(self) -> None:
-        from .. import cli
-
-        # The suites' own tables and plots (cli.report, minus suites that measured nothing: a suite cut off
+        # The parts' own tables and plots (compare.report, minus parts that measured nothing: a part cut off
         # by the cap, or run with no sizes, leaves at most its provenance line, which the renderer cannot take).
-        res = {s: read_records(self.bench / f"{s}.jsonl") for s in cli.SUITES}
+        res = {s: read_records(self.bench / f"{s}.jsonl") for s in compare.PARTS}
         res = {s: rs for s, rs in res.items() if any(r.get("mode") != "suite" for r in rs)}
         if res:
             try:
-                cli.render_plots(self.bench, res)
-                (self.bench / "README.md").write_text(cli.render_markdown(self.bench, res))
+                compare.render_plots(self.bench, res)
+                (self.bench / "README.md").write_text(compare.render_markdown(self.bench, res))
             except Exception as exc:  # the summary matters more than the plots
                 self.console(f"benchmark report failed: {type(exc).__name__}: {exc}")
         summary = build_summary(self.out, self.env, self.stages, time.perf_counter() - self.start, self.args.cap_s)
@@ -508,7 +507,7 @@ def render_summary(summary: dict[str, Any], out: Path) -> str:
     device = env.get("gpu") or f"CPU {env.get('cpu')}"
     lines = [f"# GPU check: {device}" + (" (dry run at tiny sizes: the numbers mean nothing)" if env.get("dry_run")
                                           else ""), "",
-             (f"`python scripts/gpu_check.py{' --dry-run' if env.get('dry_run') else ''}`, "
+             (f"`{command(NAME, *(['--dry-run'] if env.get('dry_run') else []))}`, "
               f"{summary['wall_s']:.0f} s of a {summary['cap_s']:.0f} s cap; torch {env.get('torch')} (CUDA "
               f"{env.get('cuda')}), transformers {env.get('transformers')}, commit "
               f"{(env.get('git_commit') or 'unknown')[:10]}"
@@ -552,8 +551,7 @@ def device_folder() -> str:
     return gpu_slug()
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes (no GPU needed)")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default benchmarks/results/cuda/<gpu name>, or .../dry-run-cpu)")
@@ -562,11 +560,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(STAGE_SHARES)} (env always runs)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU if the GPU is not known")
     p.add_argument("--threads", type=int, default=1, help="torch threads per benchmark worker")
-    return p.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     stages = ["env"] + [s for s in args.stages.split(",") if s and s != "env"]
     unknown = set(stages) - set(STAGE_SHARES)
     if unknown:

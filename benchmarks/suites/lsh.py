@@ -1,11 +1,11 @@
 """LSH attention measurements: causality/determinism checks and peak training memory.
 
-``python scripts/benchmark_lsh.py leak``: the leak probe (2 `lsh` layers, 8 buckets, 2 hashes, chunk 8,
+``python -m benchmarks lsh leak``: the leak probe (2 `lsh` layers, 8 buckets, 2 hashes, chunk 8,
 attention weights scaled up so attention is not uniform): max |change| of logits before a perturbed token (train
 mode under one seed, eval mode), eval run-to-run difference, cached decoding vs the full forward, and a left-padded
 row vs the same row unpadded, for `full`, `local` and `lsh`.
 
-``python scripts/benchmark_lsh.py memory --lengths 8192,16384,32768,65536``: peak memory of one training step
+``python -m benchmarks lsh memory --lengths 8192,16384,32768,65536``: peak memory of one training step
 (forward, backward, AdamW) of revformer `local`, revformer `lsh` and HF Reformer `lsh` at equal layers, width,
 heads, hashes, buckets and chunk length, each in a fresh process. revformer: MemTracker peak tensor memory and peak
 RSS; Reformer: peak RSS only (MemTracker cannot follow its custom autograd Function). glibc is told to return freed
@@ -30,6 +30,7 @@ from ..probes import memtracker, memtracker_peak, proc_status, reset_peak_rss
 from ..report import MiB, write_jsonl
 from ..runner import MALLOC_ENV, emit, run_worker
 
+NAME = "lsh"
 OUT = RESULTS / "lsh"
 KINDS = "revformer_local,revformer_lsh,reformer_lsh"
 
@@ -189,8 +190,7 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", choices=("leak", "memory"))
     p.add_argument("--lengths", default="8192,16384,32768,65536")
     p.add_argument("--kinds", default=KINDS)
@@ -200,7 +200,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", type=Path, default=OUT, help="results folder (default benchmarks/results/lsh)")
     p.add_argument("--tiny", action="store_true", help="memory at 256 tokens, chunk 32 (the test's run)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.tiny:
         args.lengths, args.chunk = "256", 32
     leak(args) if args.command == "leak" else memory(args)

@@ -1,9 +1,9 @@
 """Training step time with `torch.compile` of each sublayer (`train.compile: true`) against eager, and whether the
 compiled sublayers still give the reversible engine the same gradients.
 
-    python scripts/benchmark_compile.py                      # CPU; results in benchmarks/results/compile_cpu.*
-    python scripts/benchmark_compile.py --device cuda --dtype bf16
-    python scripts/benchmark_compile.py --tiny --out DIR/compile_cpu   # a tiny model: the test's run
+    python -m benchmarks compile                      # CPU; results in benchmarks/results/compile_cpu.*
+    python -m benchmarks compile --device cuda --dtype bf16
+    python -m benchmarks compile --tiny --out DIR/compile_cpu   # a tiny model: the test's run
 
 What `train.compile` does in revformer/trainer.py is reproduced here exactly: `block.attention.compile()` and
 `block.feed_forward.compile()` for every block. The reversible engine then calls the compiled sublayers under
@@ -31,6 +31,9 @@ from ..env import environment
 from ..models import forward_backward, synchronize, train_step
 from ..probes import interleaved_times, max_relative_error
 from ..report import write_jsonl
+from . import command
+
+NAME = "compile"
 
 CONFIGS = {
     # the README's tiny recipe (configs/tiny.yaml): 4 x 128, 8 x 256 tokens, BPE 4096
@@ -178,7 +181,7 @@ def recompile_limit_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(records: list[dict[str, Any]], env: dict[str, Any], argv: list[str], wall: float) -> str:
     lines = ["# torch.compile of the sublayers vs eager", "",
-             (f"`python scripts/benchmark_compile.py {' '.join(argv)}`".replace(" `", "`") +
+             (f"`{command(NAME, *argv)}`" +
               f" ({wall:.0f} s): {env.get('gpu') or env['cpu']}, {env['threads']} torch thread(s), torch "
               f"{env['torch']}, transformers {env['transformers']}, {records[0]['dtype'] if records else ''}. "
               "One training step = forward, backward, fused AdamW. Steps interleaved eager / compiled, "
@@ -210,8 +213,7 @@ def render(records: list[dict[str, Any]], env: dict[str, Any], argv: list[str], 
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
@@ -224,7 +226,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--backend", default="inductor",
                    help="torch.compile backend (inductor, as train.compile; aot_eager skips code generation)")
     p.add_argument("--tiny", action="store_true", help="one tiny model, 2 timed steps (the test's run)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     BACKEND["backend"] = args.backend
     configs = {"tiny": TINY} if args.tiny else CONFIGS
     if args.tiny:
@@ -247,7 +251,7 @@ def main(argv: list[str]) -> None:
     demo = {**recompile_limit_demo(args), **env}
     print(json.dumps(demo), flush=True)
     records.append(demo)
-    text = render(records, env, argv, time.perf_counter() - start)
+    text = render(records, env, args.argv, time.perf_counter() - start)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(out.with_suffix(".jsonl"), records)
     out.with_suffix(".md").write_text(text)

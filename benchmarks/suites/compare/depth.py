@@ -1,4 +1,5 @@
-"""Suite ``depth``: peak memory and step time of one training step (forward, backward, AdamW) against depth."""
+"""``compare --suite depth``: peak memory and step time of one training step (forward, backward, AdamW) against
+depth."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..report import MiB, by_model_and, mib, model_style, ok_memory, ok_time, pivot, pyplot, save_figure
-from ..runner import Runner
-from . import base_spec
+from ...report import MiB, by_model_and, mib, model_style, ok_memory, ok_time, pivot, pyplot, save_figure
+from ...runner import Runner
+from .common import base_spec
 
 CPU = {"hidden_size": 128, "num_heads": 4, "seq_len": 1024, "depths": [2, 12, 24, 48], "steps": 3}
 CUDA = {"hidden_size": 1024, "num_heads": 16, "seq_len": 4096, "depths": [2, 6, 12, 24, 48], "steps": 10}

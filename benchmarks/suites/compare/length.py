@@ -1,4 +1,4 @@
-"""Suite ``length``: the longest trainable sequence per model (doubling, then bisection) under a memory budget
+"""``compare --suite length``: the longest trainable sequence per model (doubling, then bisection) under a memory budget
 (CPU: peak RSS) or until real out-of-memory (CUDA); every probe is also a point of memory against length."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..models import LABELS, STYLES, Spec
-from ..report import MiB, by_model_and, model_style, pyplot, save_figure
-from ..runner import Runner, describe
-from . import base_spec, budget_bytes, record_summary
+from ...models import LABELS, STYLES, Spec
+from ...report import MiB, by_model_and, model_style, pyplot, save_figure
+from ...runner import Runner, describe
+from .common import base_spec, budget_bytes, record_summary
 
 CPU = {"hidden_size": 128, "num_heads": 4, "num_layers": 8, "start": 1024, "max_len": 65536, "budget_gib": 0.125}
 CUDA = {"hidden_size": 1024, "num_heads": 16, "num_layers": 12, "start": 4096, "max_len": 2**21, "budget_gib": None}

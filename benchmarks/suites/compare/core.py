@@ -1,15 +1,15 @@
-"""Suite ``core``: reversible / plain step-time ratio at 12 layers (beside Llama +/- checkpointing) and activation
-memory at 2/12/24 layers."""
+"""``compare --suite core``: reversible / plain step-time ratio at 12 layers (beside Llama +/- checkpointing) and
+activation memory at 2/12/24 layers."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from ..models import LABELS
-from ..report import by_model_and, mib, ok_memory, ok_time, pivot
-from ..runner import Runner
-from . import base_spec
+from ...models import LABELS
+from ...report import by_model_and, mib, ok_memory, ok_time, pivot
+from ...runner import Runner
+from .common import base_spec
 
 CPU = {"hidden_size": 256, "num_heads": 4, "seq_len": 2048, "depths": [2, 12, 24], "time_depth": 12, "steps": 7}
 CUDA = {"hidden_size": 1024, "num_heads": 16, "seq_len": 4096, "depths": [2, 12, 24], "time_depth": 12, "steps": 20}

@@ -1,6 +1,6 @@
-"""Suite ``memory``: what a user compares. Peak memory of one forward+backward (no optimizer state to hide
-activations) against length, and the longest sequence whose forward+backward fits a budget, for revformer as
-shipped, each of its memory options alone, and the baselines (MEMORY_VARIANTS)."""
+"""``compare --suite memory``: what a user compares. Peak memory of one forward+backward (no optimizer state to hide
+activations) against length, and the longest sequence whose forward+backward fits a budget, for revformer as shipped,
+each of its memory options alone, and the baselines (MEMORY_VARIANTS)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..report import MiB, ok_memory, pyplot, save_figure
-from ..runner import Runner
-from . import base_spec, budget_bytes, record_summary
+from ...report import MiB, ok_memory, pyplot, save_figure
+from ...runner import Runner
+from .common import base_spec, budget_bytes, record_summary
 from .length import longest_sequence
 
 CPU = {"hidden_size": 256, "num_heads": 4, "num_layers": 8, "vocab_size": 8192, "lengths": [4096, 8192, 16384],

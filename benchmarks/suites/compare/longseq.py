@@ -1,5 +1,5 @@
-"""Suite ``longseq``: revformer's peak memory of one training step against length for full / local / lsh attention,
-with and without feed-forward and loss chunking."""
+"""``compare --suite longseq``: revformer's peak memory of one training step against length for full / local / lsh
+attention, with and without feed-forward and loss chunking."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from ..report import MiB, mib, pyplot, read_records, save_figure
-from ..runner import Runner
-from . import base_spec
+from ...report import MiB, mib, pyplot, read_records, save_figure
+from ...runner import Runner
+from .common import base_spec
 
 CPU = {"hidden_size": 128, "num_heads": 4, "num_layers": 2, "lengths": [4096, 8192, 16384, 32768, 65536],
        "full_max_len": 32768, "chunk": 1024, "attn_chunk": 128}

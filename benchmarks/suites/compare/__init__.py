@@ -1,11 +1,11 @@
-"""Benchmarks for revformer: memory, speed, longest sequence and quality against standard baselines.
+"""Memory, speed, longest sequence and quality of revformer against standard baselines.
 
 Models compared at the same width, depth, heads, vocabulary and sequence length (``benchmarks.models``):
 ``revformer`` (reversible engine), ``revformer_plain`` (``reversible=False``), ``llama`` / ``llama_ckpt``
 (Hugging Face LlamaForCausalLM, sdpa, without / with activation checkpointing) and ``reformer`` (Hugging Face
 ReformerModelWithLMHead, local attention, causal).
 
-Suites (``--suite``, comma-separated, or ``all``; one module each in ``benchmarks/suites/``):
+Parts (``--suite``, comma-separated, or ``all``; one module each in this package):
 
 - ``depth``: peak memory and step time of one training step (forward, backward, AdamW) against depth;
 - ``core``: reversible / plain step-time ratio at 12 layers and activation memory at 2/12/24 layers;
@@ -18,13 +18,16 @@ Suites (``--suite``, comma-separated, or ``all``; one module each in ``benchmark
   and the longest sequence at a budget;
 - ``cost``: step time of revformer's default memory options against none and each alone.
 
-Every measurement runs in a fresh process (``python -m benchmarks.worker '<json>'``, or ``benchmark.py _worker
-'<json>'``) so no run's memory leaks into the next. Memory on CUDA is ``torch.cuda.max_memory_allocated``; on CPU
-both MemTracker's peak tensor memory and the process's peak RSS (glibc told to return freed memory at once, so RSS
-follows live tensors) are reported. Timing runs are separate processes with the normal allocator, and time the
-models of one configuration round-robin in the same process, so their ratios share the machine's noise. Results:
-``benchmarks/results/<device>/`` (JSON lines, PNG plots, README.md with tables and targets); ``benchmark.py report``
-re-renders them from the JSON lines.
+Every measurement runs in a fresh process (``python -m benchmarks.worker '<json>'``) so no run's memory leaks into
+the next. Memory on CUDA is ``torch.cuda.max_memory_allocated``; on CPU both MemTracker's peak tensor memory and the
+process's peak RSS (glibc told to return freed memory at once, so RSS follows live tensors) are reported. Timing runs
+are separate processes with the normal allocator, and time the models of one configuration round-robin in the same
+process, so their ratios share the machine's noise. Results: ``benchmarks/results/<device>/`` (JSON lines, PNG plots,
+README.md with tables and targets); ``python -m benchmarks compare report`` re-renders them from the JSON lines.
+
+    python -m benchmarks compare --suite all                           # CPU sizes, ~25 minutes on 2 cores
+    python -m benchmarks compare --suite all --device cuda --dtype bf16
+    python -m benchmarks compare --suite memory,cost --set memory.lengths=[4096]
 """
 
 from __future__ import annotations
@@ -37,25 +40,26 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import RESULTS
-from .corpus import DATA_SOURCES
-from .env import device_tag
-from .models import DEFAULT_MODELS, MODELS
-from .report import append_jsonl, read_records
-from .runner import Runner
-from .suites import core, cost, depth, length, longseq, memory, quality
-from .worker import run as run_worker
+from ... import RESULTS
+from ...corpus import DATA_SOURCES
+from ...env import device_tag
+from ...models import DEFAULT_MODELS, MODELS
+from ...report import append_jsonl, read_records
+from ...runner import Runner
+from .. import command
+from . import core, cost, depth, length, longseq, memory, quality
 
-SUITES = ("depth", "core", "length", "longseq", "quality", "memory", "cost")  # run order of `all`
+NAME = "compare"
+PARTS = ("depth", "core", "length", "longseq", "quality", "memory", "cost")  # run order of `--suite all`
 MODULES: dict[str, ModuleType] = {"depth": depth, "core": core, "length": length, "longseq": longseq,
                                   "quality": quality, "memory": memory, "cost": cost}
 SECTIONS = ("depth", "core", "length", "longseq", "memory", "cost", "quality")  # order in README.md
 
 
 def defaults(device: str) -> dict[str, dict[str, Any]]:
-    """Default sizes of every suite on one device type (CPU sizes fit a ~25 minute run on 2 cores)."""
+    """Default sizes of every part on one device type (CPU sizes fit a ~25 minute run on 2 cores)."""
     cuda = device.startswith("cuda")
-    return {s: dict(MODULES[s].CUDA if cuda else MODULES[s].CPU) for s in SUITES}
+    return {s: dict(MODULES[s].CUDA if cuda else MODULES[s].CPU) for s in PARTS}
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -67,8 +71,8 @@ def evaluate_targets(res: dict[str, list[dict[str, Any]]]) -> list[tuple[str, st
 
 
 def render_markdown(out: Path, res: dict[str, list[dict[str, Any]]]) -> str:
-    """README.md of a results folder: machine, provenance, targets, then every suite's tables."""
-    from .runner import describe
+    """README.md of a results folder: machine, provenance, targets, then every part's tables."""
+    from ...runner import describe
 
     env = next((r for rs in res.values() for r in rs if "torch" in r), {})
     lines = [f"# revformer benchmarks: {out.name}", "",
@@ -79,11 +83,11 @@ def render_markdown(out: Path, res: dict[str, list[dict[str, Any]]]) -> str:
               "Reformer, where MemTracker does not work: approximate), `max_memory_allocated` on CUDA; activation = "
               "peak - (parameters + gradients + optimizer state). Step times: median after one warm-up step; the "
               "models of one table are timed round-robin in one process, so compare ratios within a table. "
-              "Raw data: `*.jsonl`; re-render with `python scripts/benchmark.py report`."), ""]
+              f"Raw data: `*.jsonl`; re-render with `{command(NAME, 'report')}`."), ""]
     runs = [r for rs in res.values() for r in rs if r.get("mode") == "suite"]
     if runs:
         walls = ", ".join(f"{r['suite']} {r['wall_s']} s" for r in runs)
-        commands = sorted({"python scripts/benchmark.py " + " ".join(r["argv"]) for r in runs})
+        commands = sorted({command(NAME, *r["argv"]) for r in runs})
         total = sum(r["wall_s"] for r in runs)
         lines += [f"Produced by `{'`, `'.join(commands)}`; wall time per suite: {walls} (total {total} s).", ""]
     targets = evaluate_targets(res)
@@ -101,7 +105,7 @@ def render_markdown(out: Path, res: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def render_plots(out: Path, res: dict[str, list[dict[str, Any]]]) -> None:
-    """Every suite's PNG plots into `out`."""
+    """Every part's PNG plots into `out`."""
     for suite in SECTIONS:
         if hasattr(MODULES[suite], "plot"):
             MODULES[suite].plot(out, res)
@@ -109,7 +113,7 @@ def render_plots(out: Path, res: dict[str, list[dict[str, Any]]]) -> None:
 
 def report(out: Path) -> str:
     """Re-render the plots and README.md of a results folder from its JSON lines."""
-    res = {suite: read_records(out / f"{suite}.jsonl") for suite in SUITES}
+    res = {suite: read_records(out / f"{suite}.jsonl") for suite in PARTS}
     render_plots(out, res)
     text = render_markdown(out, res)
     (out / "README.md").write_text(text)
@@ -119,33 +123,27 @@ def report(out: Path) -> str:
 # --------------------------------------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", nargs="?", default="run", choices=("run", "report"),
-                   help="run suites (default) or re-render plots and Markdown from existing JSON lines")
-    p.add_argument("--suite", default="all", help=f"comma-separated subset of {','.join(SUITES)}, or all")
+                   help="run parts (default) or re-render plots and Markdown from existing JSON lines")
+    p.add_argument("--suite", default="all", help=f"comma-separated subset of {','.join(PARTS)}, or all")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast (fp32 master weights)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads in every worker (1: robust when other jobs share the cores)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                   help=f"comma-separated models for depth/length suites, of {', '.join(MODELS)}")
+                   help=f"comma-separated models for depth/length parts, of {', '.join(MODELS)}")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
-    p.add_argument("--memory-budget-gib", type=float, default=None, help="length suite budget (CPU default 0.125)")
-    p.add_argument("--data", default="auto", choices=DATA_SOURCES, help="quality suite data (revformer.data)")
+    p.add_argument("--memory-budget-gib", type=float, default=None, help="length part budget (CPU default 0.125)")
+    p.add_argument("--data", default="auto", choices=DATA_SOURCES, help="quality part data (revformer.data)")
     p.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
-    p.add_argument("--skip-time", action="store_true", help="depth suite: memory only")
+    p.add_argument("--skip-time", action="store_true", help="depth part: memory only")
     p.add_argument("--no-report", action="store_true", help="write JSON lines only (no plots/Markdown)")
     p.add_argument("--set", action="append", default=[], metavar="SUITE.KEY=VALUE",
-                   help="override a suite size, e.g. depth.depths=[2,8] or length.max_len=8192 (JSON values)")
-    return p.parse_args(argv)
+                   help="override a part's size, e.g. depth.depths=[2,8] or length.max_len=8192 (JSON values)")
 
 
-def main(argv: list[str]) -> None:
-    if argv[:1] == ["_worker"]:  # the worker entry of earlier versions, kept for callers and docs
-        run_worker(json.loads(argv[1]))
-        return
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
     args.models = [m for m in args.models.split(",") if m]
     unknown = set(args.models) - set(MODELS)
     if unknown:
@@ -155,7 +153,10 @@ def main(argv: list[str]) -> None:
     if args.command == "report":
         print(report(out))
         return
-    suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
+    suites = list(PARTS) if args.suite == "all" else args.suite.split(",")
+    unknown = [s for s in suites if s not in MODULES]
+    if unknown:
+        raise SystemExit(f"unknown suite {unknown[0]!r}; choose from {PARTS}")
     sizes = defaults(args.device)
     for item in args.set:
         key, value = item.split("=", 1)
@@ -164,20 +165,14 @@ def main(argv: list[str]) -> None:
     runner = Runner(out, args.worker_timeout)
     start = time.perf_counter()
     for suite in suites:
-        if suite not in MODULES:
-            raise SystemExit(f"unknown suite {suite!r}; choose from {SUITES}")
         path = out / f"{suite}.jsonl"
         path.unlink(missing_ok=True)
         t = time.perf_counter()
         MODULES[suite].run(runner, args, sizes[suite])
         wall = time.perf_counter() - t
-        append_jsonl(path, [{"mode": "suite", "suite": suite, "wall_s": round(wall), "argv": argv,  # provenance
+        append_jsonl(path, [{"mode": "suite", "suite": suite, "wall_s": round(wall), "argv": args.argv,  # provenance
                              "sizes": sizes[suite], "device": args.device, "ok": True}])
         print(f"== suite {suite} done in {wall:.0f} s", file=sys.stderr, flush=True)
     print(f"== all done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if not args.no_report:
         print(report(out))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

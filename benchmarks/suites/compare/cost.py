@@ -1,14 +1,14 @@
-"""Suite ``cost``: training-step time of revformer with its default memory options against none and each option
-alone; the four are stepped round-robin in one process, so their ratios share the machine's noise."""
+"""``compare --suite cost``: training-step time of revformer with its default memory options against none and each
+option alone; the four are stepped round-robin in one process, so their ratios share the machine's noise."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from ..report import ok_time
-from ..runner import Runner
-from . import base_spec
+from ...report import ok_time
+from ...runner import Runner
+from .common import base_spec
 from .memory import MEMORY_LABELS, MEMORY_VARIANTS, variant_of
 
 CPU = {"hidden_size": 256, "num_heads": 4, "num_layers": 12, "vocab_size": 8192, "seq_len": 4096, "steps": 7}

@@ -1,4 +1,4 @@
-"""Suite ``quality``: validation bits per byte of revformer (reversible and plain, and its local / lsh / mixed
+"""``compare --suite quality``: validation bits per byte of revformer (reversible and plain, and its local / lsh / mixed
 attention) and a Llama of equal parameter count, trained on the same bytes for the same tokens."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..models import LABELS, Spec
-from ..report import model_style, pyplot, save_figure
-from ..runner import Runner
-from . import base_spec
+from ...models import LABELS, Spec
+from ...report import model_style, pyplot, save_figure
+from ...runner import Runner
+from .common import base_spec
 
 CPU = {"hidden_size": 128, "num_heads": 4, "num_layers": 4, "seq_len": 256, "batch_size": 8, "steps": 250,
        "lr": 3e-3, "eval_every": 50, "val_blocks": 512}
