@@ -11,6 +11,9 @@ training step of them.
   ablations of ``revformer_mean``, one change each (`ABLATIONS`, built from ``benchmarks.topologies``), for the
   depth-quality suite;
 - ``llama`` / ``llama_ckpt``: Hugging Face LlamaForCausalLM (sdpa), without / with activation checkpointing;
+- ``llama_ckpt_chunked``: ``llama_ckpt`` whose loss runs over `LOSS_CHUNK`-token chunks, each chunk's logits recomputed
+  in backward (`ChunkedLossLlamaForCausalLM`): what users get from TRL or a fused/chunked linear cross-entropy, so
+  the full (tokens x vocabulary) logits never exist;
 - ``reformer``: Hugging Face ReformerModelWithLMHead (causal; local attention, or LSH with ``attention="lsh"``).
 """
 
@@ -28,7 +31,8 @@ ABLATIONS = {  # model name -> the one change it makes to revformer_mean (the su
 }
 BDIA_GAMMAS = {"revformer_bdia": None, "revformer_bdia_gamma64": 2**-6}  # None: convert.py's (BDIA_GAMMA, 1/16)
 MODELS = ("revformer", "revformer_plain", "revformer_mean", *BDIA_GAMMAS, *ABLATIONS, "llama", "llama_ckpt",
-          "reformer")
+          "llama_ckpt_chunked", "reformer")
+LOSS_CHUNK = 1024  # llama_ckpt_chunked: tokens per chunk of its loss
 # What the depth/length suites run unless told: the shipped model, its plain path and the baselines.
 DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("revformer_mean", *BDIA_GAMMAS, *ABLATIONS))
 LABELS = {
@@ -43,6 +47,7 @@ LABELS = {
     "revformer_scaled_init": "revformer, scaled output init",
     "llama": "Llama",
     "llama_ckpt": "Llama + checkpointing",
+    "llama_ckpt_chunked": "Llama + checkpointing + chunked loss",
     "reformer": "HF Reformer (local)",
 }
 # Plot style per model (colour, marker, line): overlapping curves stay visible.
@@ -52,7 +57,7 @@ STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "
           "revformer_merge_learned": ("C7", "h", "--"),
           "revformer_embed_one": ("C8", ">", ":"), "revformer_scaled_init": ("C9", "*", ":"),
           "llama": ("C2", "^", "-"),
-          "llama_ckpt": ("C3", "v", "--"), "reformer": ("C4", "D", ":")}
+          "llama_ckpt": ("C3", "v", "--"), "llama_ckpt_chunked": ("C1", "<", "-."), "reformer": ("C4", "D", ":")}
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Spec:
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
+    num_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as num_heads
     intermediate_size: int = 0  # 0: SwiGLU default, 8/3 * hidden_size rounded up to a multiple of 8
     vocab_size: int = 259  # byte-level: 256 bytes + 3 specials
     seq_len: int = 1024
@@ -76,6 +82,8 @@ class Spec:
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     threads: int = 1
     seed: int = 0
+    rope_theta: float | None = None  # None: each config's default (10000)
+    rms_norm_eps: float | None = None  # None: each config's default (1e-6)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -83,8 +91,21 @@ class Spec:
         if not self.intermediate_size:
             self.intermediate_size = -(-8 * self.hidden_size // 3 // 8) * 8
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: `num_kv_heads`, or as many as `num_heads` (records before the field: the same)."""
+        return self.num_kv_heads or self.num_heads
+
     def replace(self, **changes: Any) -> Spec:
         return dataclasses.replace(self, **changes)
+
+
+# Hub models' shapes (`compare --shape NAME`): Spec fields that replace a part's sizes.
+SHAPES: dict[str, dict[str, Any]] = {
+    # HuggingFaceTB/SmolLM2-135M: tied embeddings (as every model here), GQA 9 heads / 3 key-value heads
+    "smollm2-135m": {"hidden_size": 576, "num_layers": 30, "num_heads": 9, "num_kv_heads": 3,
+                     "intermediate_size": 1536, "vocab_size": 49152, "rope_theta": 100000.0, "rms_norm_eps": 1e-5},
+}
 
 
 def spec_from(sizes: dict[str, Any], model: str, **overrides: Any) -> Spec:
@@ -100,6 +121,8 @@ def build_model(spec: Spec) -> Any:
     torch.manual_seed(spec.seed)
     common = {"vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers,
               "num_attention_heads": spec.num_heads, "max_position_embeddings": spec.seq_len, "use_cache": False}
+    rope = {} if spec.rope_theta is None else {"rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta}}
+    eps = {} if spec.rms_norm_eps is None else {"rms_norm_eps": spec.rms_norm_eps}
     buckets = max(2, spec.seq_len // spec.attn_chunk // 2 * 2)  # ~one bucket per chunk, even
     if spec.model.startswith("revformer"):
         from revformer import RevformerConfig, RevformerForCausalLM
@@ -113,7 +136,7 @@ def build_model(spec: Spec) -> Any:
 
         config = RevformerConfig(
             **common, intermediate_size=spec.intermediate_size, reversible=spec.model != "revformer_plain",
-            **(bdia if spec.model in BDIA_GAMMAS else {}),
+            **(bdia if spec.model in BDIA_GAMMAS else {}), num_key_value_heads=spec.kv_heads, **rope, **eps,
             attention_layers=spec.attention, local_chunk_length=spec.attn_chunk, lsh_chunk_length=spec.attn_chunk,
             lsh_num_buckets=buckets, lsh_num_hashes=2, **{k: v for k, v in chunks.items() if v is not None},
         )  # fmt: skip
@@ -123,10 +146,11 @@ def build_model(spec: Spec) -> Any:
     elif spec.model.startswith("llama"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(**common, intermediate_size=spec.intermediate_size, num_key_value_heads=spec.num_heads,
-                             tie_word_embeddings=True, attn_implementation="sdpa")
-        model = LlamaForCausalLM(config)
-        if spec.model == "llama_ckpt":
+        config = LlamaConfig(**common, intermediate_size=spec.intermediate_size, num_key_value_heads=spec.kv_heads,
+                             tie_word_embeddings=True, attn_implementation="sdpa", **rope, **eps)
+        chunked = spec.model == "llama_ckpt_chunked"
+        model = (chunked_loss_llama_class() if chunked else LlamaForCausalLM)(config)
+        if spec.model in ("llama_ckpt", "llama_ckpt_chunked"):
             model.activation_checkpointing_enable()
     else:
         from transformers import ReformerConfig, ReformerModelWithLMHead
@@ -147,6 +171,57 @@ def build_model(spec: Spec) -> Any:
         )  # fmt: skip
         model = ReformerModelWithLMHead(config)
     return model.to(spec.device).train()
+
+
+def chunked_causal_lm_loss(hidden: Any, lm_head: Any, labels: Any, chunk: int = LOSS_CHUNK,
+                           num_items_in_batch: Any = None) -> Any:
+    """LlamaForCausalLM's loss (next-token shift, -100 ignored, fp32 logits, mean over the predicted tokens) from the
+    last hidden states, over `chunk`-token chunks whose logits are recomputed in backward: at most one chunk's
+    logits (and their fp32 copy and softmax) are alive at a time, forward or backward."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h: Any, y: Any) -> Any:
+        return F.cross_entropy(lm_head(h).float(), y, ignore_index=-100, reduction="sum")
+
+    targets = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)  # the next token's id
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk):
+        y = targets[start:start + chunk]
+        total = total + checkpoint(chunk_loss, flat[start:start + chunk], y, use_reentrant=False)
+    count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    return total / count
+
+
+_CHUNKED_LOSS_LLAMA: Any = None
+
+
+def chunked_loss_llama_class() -> Any:
+    """`ChunkedLossLlamaForCausalLM`: LlamaForCausalLM whose forward with labels computes `chunked_causal_lm_loss`
+    (and returns no logits), so every caller of ``model(input_ids=..., labels=...)`` takes the chunked path."""
+    global _CHUNKED_LOSS_LLAMA
+    if _CHUNKED_LOSS_LLAMA is None:
+        from transformers import LlamaForCausalLM
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        class ChunkedLossLlamaForCausalLM(LlamaForCausalLM):
+            loss_chunk = LOSS_CHUNK
+
+            def forward(self, input_ids: Any = None, labels: Any = None, **kwargs: Any) -> Any:
+                if labels is None:
+                    return super().forward(input_ids=input_ids, **kwargs)
+                num_items = kwargs.pop("num_items_in_batch", None)
+                kwargs.pop("logits_to_keep", None)
+                outputs = self.model(input_ids=input_ids, **kwargs)
+                loss = chunked_causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, self.loss_chunk,
+                                              num_items)
+                return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                              attentions=outputs.attentions)
+
+        _CHUNKED_LOSS_LLAMA = ChunkedLossLlamaForCausalLM
+    return _CHUNKED_LOSS_LLAMA
 
 
 def scale_output_init(model: Any) -> None:

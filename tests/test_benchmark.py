@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,3 +125,93 @@ def test_core_length_longseq_quality_suites_tiny(tmp_path: Path) -> None:
     assert "Reversible step time <= 1.4x plain (2 layers)" in readme and "## Failed runs" not in readme
     for plot in ("memory_vs_length.png", "longseq_memory_vs_length.png", "loss_curves.png"):
         assert (tmp_path / plot).stat().st_size > 0
+
+
+def test_llama_ckpt_chunked_loss_and_gradients_equal_llama() -> None:
+    """The chunked-loss baseline is Llama's loss, only computed in chunks (logits recomputed in backward): the same
+    loss and every parameter gradient as plain `llama` (same seed, same weights), with chunks shorter than the
+    sequence, two rows, ignored (-100) labels and grouped-query attention."""
+    import torch
+
+    from benchmarks.models import Spec, build_model, forward_backward, random_ids
+
+    def run(model_name: str) -> tuple[Any, dict[str, Any], Any]:
+        spec = Spec(model_name, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=97, seq_len=50,
+                    batch_size=2)
+        model = build_model(spec)
+        model.loss_chunk = 16  # < 2 x 50 tokens: four chunks, one across the rows
+        ids = random_ids(spec)
+        labels = ids.clone()
+        labels[0, :7] = -100
+        labels[1, -3:] = -100
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, model
+
+    loss, grads, plain = run("llama")
+    chunked_loss, chunked_grads, chunked = run("llama_ckpt_chunked")
+    assert type(chunked).__name__ == "ChunkedLossLlamaForCausalLM" and chunked.is_activation_checkpointing
+    assert not plain.is_activation_checkpointing and chunked.config.num_key_value_heads == 2
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-5, atol=0)
+    assert set(chunked_grads) == set(grads) and all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    # The benchmarks' own step takes the chunked path too (the model's forward computes it), with no full logits.
+    spec = Spec("llama_ckpt_chunked", hidden_size=32, num_layers=1, num_heads=4, vocab_size=97, seq_len=40)
+    model = build_model(spec)
+    assert model(input_ids=random_ids(spec), labels=random_ids(spec)).logits is None
+    assert float(forward_backward(model, random_ids(spec), "cpu", "fp32")) > 0
+
+
+def test_spec_key_value_heads_and_hub_shape() -> None:
+    """`Spec.num_kv_heads` (0, and records from before the field: as many as heads) reaches Llama's and revformer's
+    configs, and `SHAPES["smollm2-135m"]` builds SmolLM2-135M's shape (one layer here, for time)."""
+    from benchmarks.models import LABELS, SHAPES, Spec, build_model, spec_from
+    from benchmarks.suites.compare.memory import MEMORY_LABELS, MEMORY_VARIANTS
+
+    old = {"model": "llama", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "seq_len": 16}  # an older record
+    assert Spec(**old).kv_heads == 4 and build_model(Spec(**old)).config.num_key_value_heads == 4
+    shape = {**SHAPES["smollm2-135m"], "num_layers": 1}
+    for model in ("llama_ckpt_chunked", "revformer"):
+        config = build_model(spec_from(shape, model, seq_len=64)).config
+        assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (576, 9, 3)
+        assert (config.intermediate_size, config.vocab_size, config.rms_norm_eps) == (1536, 49152, 1e-5)
+        assert config.rope_parameters["rope_theta"] == 100000.0 and config.tie_word_embeddings
+    assert LABELS["llama_ckpt_chunked"] == MEMORY_LABELS["llama_ckpt_chunked"] == "Llama + checkpointing + chunked loss"
+    assert MEMORY_VARIANTS["llama_ckpt_chunked"] == ("llama_ckpt_chunked", {})
+
+
+def test_memory_suite_with_the_chunked_loss_baseline_tiny(tmp_path: Path) -> None:
+    """The memory suite with `llama_ckpt_chunked` beside `llama_ckpt` (narrowed by `memory.variants`): its figure
+    is below checkpointed Llama's (no full logits at 2048 tokens x 4096 vocabulary), ratios are against it."""
+    sizes = {"hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "num_layers": 2, "vocab_size": 4096}
+    sets = [f"--set=memory.{k}={v}" for k, v in sizes.items()]
+    sets += ["--set=memory.lengths=[2048]", "--set=memory.start=256", "--set=memory.longest_max_len=256",
+             "--set=memory.budget_gib=0.5", '--set=memory.longest=["llama_ckpt_chunked"]',
+             '--set=memory.variants=["revformer","llama_ckpt","llama_ckpt_chunked"]']
+    run_suite("compare", "--suite", "memory", "--models", "revformer,llama_ckpt,llama_ckpt_chunked",
+              "--out", str(tmp_path), *sets)
+    records = read_jsonl(tmp_path / "memory.jsonl")
+    growth = {r["variant"]: r for r in records if r["mode"] == "memory" and not r.get("probe")}
+    assert set(growth) == {"revformer", "llama_ckpt", "llama_ckpt_chunked"}
+    assert all(r["ok"] and r["spec"]["num_kv_heads"] == 2 for r in growth.values())
+    assert growth["llama_ckpt_chunked"]["growth_bytes"] < growth["llama_ckpt"]["growth_bytes"]
+    longest = {r["variant"]: r for r in records if r["mode"] == "longest"}
+    assert set(longest) == {"llama_ckpt_chunked"} and longest["llama_ckpt_chunked"]["longest"] == 256
+    readme = (tmp_path / "README.md").read_text()
+    assert "| Llama + checkpointing + chunked loss | " in readme and "ratio to Llama + checkpointing + chunked" in readme
+    assert "4 heads / 2 key-value heads" in readme and "vs Llama + checkpointing + chunked loss" in readme
+
+
+def test_memory_suite_at_a_hub_shape(tmp_path: Path) -> None:
+    """`compare --shape smollm2-135m` measures at SmolLM2-135M's shape (`--set` still overrides: one layer here)."""
+    run_suite("compare", "--suite", "memory", "--shape", "smollm2-135m", "--models", "revformer,llama_ckpt_chunked",
+              "--out", str(tmp_path), "--set=memory.num_layers=1", "--set=memory.lengths=[256]",
+              "--set=memory.longest=[]", '--set=memory.variants=["revformer","llama_ckpt_chunked"]')
+    growth = {r["variant"]: r for r in read_jsonl(tmp_path / "memory.jsonl") if r["mode"] == "memory"}
+    assert set(growth) == {"revformer", "llama_ckpt_chunked"} and all(r["ok"] for r in growth.values())
+    for r in growth.values():
+        s = r["spec"]
+        assert (s["hidden_size"], s["num_layers"], s["num_heads"], s["num_kv_heads"]) == (576, 1, 9, 3)
+        assert (s["vocab_size"], s["rope_theta"], s["rms_norm_eps"], s["seq_len"]) == (49152, 100000.0, 1e-5, 256)
+    assert "(d=576, 1 layers, 9 heads / 3 key-value heads, vocabulary 49152" in (tmp_path / "README.md").read_text()

@@ -9,6 +9,8 @@ Every stage runs through the project's own CLI, so what is measured is what a us
                 and the same revformer shape trained from scratch on the same healing tokens
     finetune    the healed model and the teacher, fine-tuned the same way on the held-out folders
                 (text the teacher never saw); then peak activation memory of one forward+backward at 4K tokens
+                (the converted shape; the teacher plain, with checkpointing, and with checkpointing and a loss over
+                1024-token chunks recomputed in backward, as TRL or a fused linear cross-entropy gives users)
 
     python -m benchmarks conversion                       # all stages, results in benchmarks/results/conversion
     python -m benchmarks conversion --stages teacher      # one stage (each reuses what earlier ones wrote)
@@ -348,33 +350,42 @@ def memory_worker(payload: dict[str, Any]) -> None:
     model = AutoModelForCausalLM.from_config(config).train()
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable()
+
+    def loss(ids: Any) -> Any:
+        if not spec.get("chunked_loss"):  # older records: no such key (the model's own loss)
+            return model(input_ids=ids, labels=ids).loss
+        from ..models import chunked_causal_lm_loss  # the teacher's loss over chunks, logits recomputed in backward
+
+        return chunked_causal_lm_loss(model.model(input_ids=ids).last_hidden_state, model.lm_head, ids)
+
     ids = torch.randint(3, config.vocab_size, (1, tokens))
-    model(input_ids=ids[:, :256], labels=ids[:, :256]).loss.backward()  # warm-up: kernels, allocator
+    loss(ids[:, :256]).backward()  # warm-up: kernels, allocator
     model.zero_grad(set_to_none=True)
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     before = proc_status("VmRSS")
     reset_peak_rss()
-    model(input_ids=ids, labels=ids).loss.backward()
+    loss(ids).backward()
     peak = proc_status("VmHWM") - before
     emit({**spec, "activation_bytes": peak - grad_bytes, "peak_growth_bytes": peak, "torch": torch.__version__,
           "threads": torch.get_num_threads()})
 
 
 def stage_memory(work: Path, teacher: Path, healed_name: str) -> None:
-    """Activation memory of the converted shape, the teacher and the teacher with checkpointing at each depth of
-    S.memory_layers, one fresh process per figure."""
+    """Activation memory of the converted shape, the teacher, the teacher with checkpointing and the teacher with
+    checkpointing and a chunked loss at each depth of S.memory_layers, one fresh process per figure."""
     converted = work / "converted" / healed_name  # only the shape matters: each figure runs random weights
     rows = load_results().get("memory", [])  # figures measured before (other couplings) are kept
-    for label, folder, checkpointing in ((f"revformer (converted, {healed_name})", converted, False),
-                                         ("teacher + checkpointing", teacher, True),
-                                         ("teacher", teacher, False)):
+    for label, folder, checkpointing, chunked in ((f"revformer (converted, {healed_name})", converted, False, False),
+                                                  ("teacher + checkpointing", teacher, True, False),
+                                                  ("teacher + checkpointing + chunked loss", teacher, True, True),
+                                                  ("teacher", teacher, False, False)):
         for vocab in S.memory_vocabs:
             for layers in S.memory_layers:
                 if any(row["model"] == label and row["layers"] == layers and row.get("vocab") == vocab
                        for row in rows):
                     continue
                 spec = {"model": label, "folder": str(folder), "layers": layers, "checkpointing": checkpointing,
-                        "vocab": vocab}
+                        "chunked_loss": chunked, "vocab": vocab}
                 done = run_worker({"mode": "conversion_memory", "spec": spec, "tokens": S.memory_tokens},
                                   env={**os.environ, **MALLOC_ENV})
                 if not done.records:

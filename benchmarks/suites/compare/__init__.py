@@ -2,8 +2,10 @@
 
 Models compared at the same width, depth, heads, vocabulary and sequence length (``benchmarks.models``):
 ``revformer`` (reversible engine), ``revformer_plain`` (``reversible=False``), ``llama`` / ``llama_ckpt``
-(Hugging Face LlamaForCausalLM, sdpa, without / with activation checkpointing) and ``reformer`` (Hugging Face
-ReformerModelWithLMHead, local attention, causal).
+(Hugging Face LlamaForCausalLM, sdpa, without / with activation checkpointing), ``llama_ckpt_chunked`` (with
+checkpointing and a loss over 1024-token chunks recomputed in backward: what TRL or a fused/chunked linear
+cross-entropy gives users) and ``reformer`` (Hugging Face ReformerModelWithLMHead, local attention, causal).
+``--shape NAME`` sets every part's model shape to a Hub model's (``benchmarks.models.SHAPES``: smollm2-135m).
 
 Parts (``--suite``, comma-separated, or ``all``; one module each in this package):
 
@@ -28,6 +30,8 @@ README.md with tables and targets); ``python -m benchmarks compare report`` re-r
     python -m benchmarks compare --suite all                           # CPU sizes, ~25 minutes on 2 cores
     python -m benchmarks compare --suite all --device cuda --dtype bf16
     python -m benchmarks compare --suite memory,cost --set memory.lengths=[4096]
+    python -m benchmarks compare --suite memory --shape smollm2-135m --set memory.lengths=[4096] \
+        --set 'memory.variants=["revformer","llama_ckpt","llama_ckpt_chunked"]' --set memory.longest=[] --out DIR
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from typing import Any
 from ... import RESULTS
 from ...corpus import DATA_SOURCES
 from ...env import device_tag
-from ...models import DEFAULT_MODELS, MODELS
+from ...models import DEFAULT_MODELS, MODELS, SHAPES
 from ...report import append_jsonl, read_records
 from ...runner import Runner
 from .. import command
@@ -133,6 +137,9 @@ def arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.set_num_threads in every worker (1: robust when other jobs share the cores)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help=f"comma-separated models for depth/length parts, of {', '.join(MODELS)}")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="every part's model shape (width, depth, heads, key/value heads, vocabulary...) set to a Hub "
+                        "model's (benchmarks.models.SHAPES); --set overrides it")
     p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--memory-budget-gib", type=float, default=None, help="length part budget (CPU default 0.125)")
     p.add_argument("--data", default="auto", choices=DATA_SOURCES, help="quality part data (revformer.data)")
@@ -158,6 +165,8 @@ def run(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"unknown suite {unknown[0]!r}; choose from {PARTS}")
     sizes = defaults(args.device)
+    for part in sizes.values():
+        part.update(SHAPES.get(args.shape, {}))
     for item in args.set:
         key, value = item.split("=", 1)
         suite, name = key.split(".", 1)
