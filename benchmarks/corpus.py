@@ -8,9 +8,9 @@ every document (data.document_attention) and would change the figures already re
 
 Training follows revformer.trainer's learning-rate schedule (`lr_lambda`: linear warm-up over 5% of the steps, at
 least one, then cosine decay to 10%) with AdamW (0.9, 0.95), weight decay 0.1 and gradients clipped at norm 1.0, one
-batch of blocks per step. The optimizer is built here (`build_optimizer`): it decays every parameter and is fused,
-as when the recorded figures were measured, where `revformer.trainer.build_optimizer` exempts norms, biases and
-embeddings from weight decay and uses torch's default (unfused) AdamW.
+batch of blocks per step. The optimizer is the benchmarks' own (`models.make_optimizer`): it decays every parameter
+and is fused, as when the recorded figures were measured, where `revformer.trainer.build_optimizer` exempts norms,
+biases and embeddings from weight decay and uses torch's default (unfused) AdamW.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .env import environment
-from .models import Spec, autocast, build_model, param_stats, train_step
+from .models import Spec, autocast, build_model, make_optimizer, param_stats, train_step
 from .probes import setup_worker
 from .runner import emit
 
@@ -114,15 +114,6 @@ def training_run(steps: int, lr: float) -> Any:
     return RunConfig(model={}, data=DataConfig(), train=train)
 
 
-def build_optimizer(model: Any, run: Any) -> Any:
-    """AdamW at `run`'s learning rate, betas and weight decay, the decay on every parameter, fused (one kernel per
-    step)."""
-    import torch
-
-    return torch.optim.AdamW(model.parameters(), lr=run.train.learning_rate, betas=tuple(run.train.adam_betas),
-                             weight_decay=run.train.weight_decay, fused=True)
-
-
 def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks: int, data: str,
                  curve_blocks: int = 32, stop_after: int | None = None) -> None:
     """Train `spec.model` for `steps` steps on the stdlib bytes and report loss curves and validation bpb (the
@@ -138,7 +129,7 @@ def train_worker(spec: Spec, steps: int, lr: float, eval_every: int, val_blocks:
     spec = spec.replace(vocab_size=corpus.vocab_size)
     model = build_model(spec)
     run = training_run(steps, lr)
-    optimizer = build_optimizer(model, run)
+    optimizer = make_optimizer(model, run.train.learning_rate, run.train.weight_decay, tuple(run.train.adam_betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
     curve_blocks = min(curve_blocks, len(corpus.val))
     losses, val_curve = [], []

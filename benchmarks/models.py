@@ -236,11 +236,12 @@ def scale_output_init(model: Any) -> None:
             block.feed_forward.down_proj.weight.normal_(0.0, std)
 
 
-def make_optimizer(model: Any, lr: float = 1e-4, weight_decay: float = 0.0) -> Any:
-    """AdamW, fused (one kernel per step, no foreach temporaries, so it never sets the peak)."""
+def make_optimizer(model: Any, lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple = (0.9, 0.95)) -> Any:
+    """AdamW over every parameter (decay included), fused (one kernel per step, no foreach temporaries, so it never
+    sets the peak)."""
     import torch
 
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
 
 
 def autocast(device: str, dtype: str) -> Any:

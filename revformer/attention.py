@@ -46,6 +46,7 @@ __all__ = [
     "dense_allowed",
     "dense_attention",
     "eager_attention",
+    "is_own_key",
     "local_attention",
     "lsh_attention",
     "lsh_buckets",
@@ -100,6 +101,11 @@ def repeat_kv(x: Tensor, groups: int) -> Tensor:
 def causal_allowed(t_q: int, t_k: int, device: torch.device) -> Tensor:
     """(Tq, Tk) bool: query i (at key index Tk - Tq + i) may see keys j <= its own index."""
     return torch.arange(t_k, device=device)[None, :] <= torch.arange(t_k - t_q, t_k, device=device)[:, None]
+
+
+def is_own_key(t_q: int, t_k: int, device: torch.device) -> Tensor:
+    """(Tq, Tk) bool: the key at query i's own index (Tk - Tq + i)."""
+    return torch.arange(t_k, device=device) == torch.arange(t_k - t_q, t_k, device=device)[:, None]
 
 
 def same_document(document_ids: Tensor | None, t_q: int) -> Tensor | None:
@@ -194,8 +200,8 @@ def dense_allowed(
     rank = in_bucket.sum(-1) - 1  # (B, H, R, Tk): same-bucket real tokens of the document before each token
     window = (rank[..., -t_q:, None] - rank[..., None, :]) <= config.lsh_chunk_length
     seen = (same[..., -t_q:, :] & window & allowed.unsqueeze(2)).any(2)  # union over the rounds
-    is_self = torch.arange(t_k, device=device) == torch.arange(t_k - t_q, t_k, device=device)[:, None]
-    return seen | (allowed & is_self)  # a query always sees itself (scored low: it wins only when alone)
+    # A query always sees itself (scored low: it wins only when alone).
+    return seen | (allowed & is_own_key(t_q, t_k, device))
 
 
 def eager_attention(
@@ -221,8 +227,7 @@ def eager_attention(
     t_q, t_k = query.shape[-2], key.shape[-2]
     scores = _upcast((query * scaling) @ key.transpose(-1, -2))  # q pre-scaled against fp16 overflow
     if self_score is not None:
-        is_self = torch.arange(t_k, device=query.device) == torch.arange(t_k - t_q, t_k, device=query.device)[:, None]
-        scores = scores.masked_fill(is_self, self_score)
+        scores = scores.masked_fill(is_own_key(t_q, t_k, query.device), self_score)
     if attention_mask is None:
         attention_mask = causal_allowed(t_q, t_k, query.device)
     if attention_mask.dtype == torch.bool:
