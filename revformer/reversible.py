@@ -135,6 +135,19 @@ class StreamArithmetic:
         """Raise if a stream reached `peak` = max |value|, which this arithmetic cannot hold exactly."""
 
 
+class Fp32Gradient(torch.autograd.Function):
+    """The identity, whose gradient is rounded to fp32: on the plain path, a float64 fixed-point stream's gradient
+    is what the reversible engine carries for it (fp32, the dtype the sublayers read), so both paths agree."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.float().to(grad.dtype)
+
+
 class FixedPointArithmetic(StreamArithmetic):
     """Streams on a fixed-point grid of 2^-k (k = `fraction_bits`): exactly invertible at any compute precision.
 
@@ -142,11 +155,12 @@ class FixedPointArithmetic(StreamArithmetic):
     signed integer count of grid steps that fits float64's 53-bit significand. The sum of two such values is again
     such an integer, so float64 adds and subtracts them exactly (an integer adder); each sublayer output is rounded to
     the grid before it joins a stream, and `(x + q) - q == x` bit for bit. Float64 rather than int64 because
-    autograd needs floats: the plain path, the engine and the autograd Function's inputs and outputs then share one
-    representation and nothing is converted at the boundaries.
+    autograd needs floats: the plain path and the engine's inputs share one representation.
 
-    Gradients pass through the rounding unchanged (straight-through), so the reversible path's gradients equal the
-    plain path's run on the same streams. F and G read the stream rounded to fp32, as with float32 streams.
+    Gradients pass through the rounding unchanged (straight-through). F and G read the stream rounded to fp32, as
+    with float32 streams, and a stream's gradient is fp32 too: the engine carries fp32 gradients (half the bytes of
+    float64 ones), and the plain path rounds each stream's gradient to fp32 (`Fp32Gradient`), so the reversible
+    path's gradients equal the plain path's run on the same streams.
 
     k = 32 (the default) gives a step of 2.3e-10, finer than fp32's spacing for any |x| > 2^-8, and a limit of
     2^21 ~ 2.1e6, far above realistic activations. Only the reversible engine checks the limit (`check_range`, once
@@ -195,7 +209,9 @@ class FixedPointArithmetic(StreamArithmetic):
     # path) it goes through to_grid for the straight-through gradient. Both are exact, hence bit-identical.
     def add(self, stream: Tensor, out: Tensor) -> Tensor:
         if self._straight_through(out):
-            return stream + self.to_grid(out)
+            return Fp32Gradient.apply(stream + self.to_grid(out))
+        if self._straight_through(stream):
+            return Fp32Gradient.apply(torch.add(stream, self.grid_steps(out), alpha=self.step))
         return torch.add(stream, self.grid_steps(out), alpha=self.step)  # y = x + round(out * 2^k) * 2^-k
 
     def subtract(self, stream: Tensor, out: Tensor) -> Tensor:
@@ -363,99 +379,127 @@ def _take_upstream_gradient() -> UpstreamGradient | None:
 
 
 class ChunkedFunction(torch.autograd.Function):
-    """`fn(x)` computed `chunk_size` positions at a time along dim 1, so that `fn`'s intermediate activations exist
-    for one chunk at a time, in forward and in backward. `fn` must be position-wise.
+    """`fn(x, *aligned)` computed `chunk_size` positions at a time along dim 1, so that `fn`'s intermediate
+    activations exist for one chunk at a time, in forward and in backward. `fn` must be position-wise; `aligned` are
+    tensors without gradient sliced along dim 1 with `x` (rotary tables: (B|1, T, D)).
 
-    Call as `ChunkedFunction.apply(fn, chunk_size, x, *params)`, `params` being every tensor `fn` differentiates in
-    (its module's parameters). Two ways to the gradients, neither of which holds whole-sequence activations:
-    - fused: when the output's gradient was announced (`upstream_gradient`, as the reversible engine does for every
-      re-run), each chunk's output and its gradients are computed together in forward and backward returns them:
-      no extra compute.
-    - recompute: otherwise (the plain path, or when the gradient that arrives is not the announced one), backward
-      re-runs each chunk under the forward's RNG and autocast state and back-propagates it: one extra forward of `fn`.
+    Call as `ChunkedFunction.apply(fn, chunk_size, fuse, num_aligned, x, *aligned, *params)`, `params` being every
+    tensor `fn` differentiates in (its module's parameters). Two ways to the gradients, neither of which holds
+    whole-sequence activations:
+    - fused: when `fuse` and the output's gradient was announced (`upstream_gradient`, as the reversible engine does
+      for every re-run), each chunk's output and its gradients are computed together in forward and backward returns
+      them: no extra compute, and `x` is not kept.
+    - recompute: otherwise (the plain path, a function whose output is not the sublayer's, or when the gradient that
+      arrives is not the announced one), backward re-runs each chunk under the forward's RNG and autocast state and
+      back-propagates it: one extra forward of `fn`.
     """
 
     @staticmethod
-    def forward(ctx: Any, fn: Any, chunk_size: int, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.fn, ctx.chunk_size, ctx.num_params = fn, chunk_size, len(params)
+    def forward(  # type: ignore[override]
+        ctx: Any, fn: Any, chunk_size: int, fuse: bool, num_aligned: int, x: Tensor, *aligned_and_params: Tensor
+    ) -> Tensor:
+        aligned, params = aligned_and_params[:num_aligned], aligned_and_params[num_aligned:]
+        ctx.fn, ctx.chunk_size, ctx.num_aligned = fn, chunk_size, num_aligned
         ctx.replay_ctx = ForwardContext(x.device, capture_rng=True)
-        hint = _take_upstream_gradient()
+        hint = _take_upstream_gradient() if fuse else None
         if hint is not None and hint.grad.shape[:2] != x.shape[:2]:
             hint = None  # announced for an output of another shape: not ours
+        wanted = ctx.needs_input_grad[4:5] + ctx.needs_input_grad[5 + num_aligned :]
         if hint is None:
-            out = _in_chunks(fn, x, chunk_size)
-            ctx.save_for_backward(x, *params)
+            out, ctx.grads = _in_chunks(fn, x, aligned, chunk_size), None
         else:
-            out, grads = _chunked_vjp(fn, chunk_size, x, params, ctx.needs_input_grad[2:], hint)
-            ctx.save_for_backward(x, *params, *grads)
+            out, ctx.grads = _chunked_vjp(fn, chunk_size, x, aligned, params, wanted, hint)
+        ctx.save_for_backward(x, *aligned, *params)  # fused too: a recompute if another gradient arrives (a cast)
         ctx.hint = hint
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, *rest = ctx.saved_tensors
-        params = rest[: ctx.num_params]
+        saved = ctx.saved_tensors
         if ctx.hint is not None and grad_out is ctx.hint.to(grad_out.dtype):
-            grads = rest[ctx.num_params :]  # computed in forward for exactly this grad_out
+            grads = ctx.grads  # computed in forward for exactly this grad_out
         else:
+            x, aligned, params = saved[0], saved[1 : 1 + ctx.num_aligned], saved[1 + ctx.num_aligned :]
+            wanted = ctx.needs_input_grad[4:5] + ctx.needs_input_grad[5 + ctx.num_aligned :]
             with ctx.replay_ctx.replay():  # the forward's dropout draws and autocast, chunk by chunk in order
-                _, grads = _chunked_vjp(
-                    ctx.fn, ctx.chunk_size, x, params, ctx.needs_input_grad[2:], UpstreamGradient(grad_out)
-                )
-        ctx.hint = None
-        return (None, None, *grads)
+                _, grads = _chunked_vjp(ctx.fn, ctx.chunk_size, x, aligned, params, wanted, UpstreamGradient(grad_out))
+        ctx.hint = ctx.grads = None
+        x_grad, *param_grads = grads
+        return (None, None, None, None, x_grad, *(None,) * ctx.num_aligned, *param_grads)
 
 
 def _pieces(length: int, chunk_size: int) -> list[slice]:
     return [slice(start, start + chunk_size) for start in range(0, length, chunk_size)]
 
 
-def _in_chunks(fn: Any, x: Tensor, chunk_size: int) -> Tensor:
-    """`fn(x)` one chunk of dim 1 at a time, without recording anything for backward."""
-    return torch.cat([fn(x[:, piece]) for piece in _pieces(x.shape[1], chunk_size)], dim=1)
+class _Assembly:
+    """A whole-sequence tensor written chunk by chunk along dim 1 (allocated at the first chunk): no list of chunks
+    beside a concatenated copy."""
+
+    def __init__(self, length: int) -> None:
+        self.length, self.tensor = length, None
+
+    def put(self, piece: slice, value: Tensor, dtype: torch.dtype | None = None) -> None:
+        if self.tensor is None:
+            shape = (value.shape[0], self.length, *value.shape[2:])
+            self.tensor = value.new_empty(shape, dtype=dtype or value.dtype)
+        self.tensor[:, piece] = value
+
+
+def _in_chunks(fn: Any, x: Tensor, aligned: Sequence[Tensor], chunk_size: int) -> Tensor:
+    """`fn(x, *aligned)` one chunk of dim 1 at a time, without recording anything for backward."""
+    out = _Assembly(x.shape[1])
+    for piece in _pieces(x.shape[1], chunk_size):
+        out.put(piece, fn(x[:, piece], *(a[:, piece] for a in aligned)))
+    return out.tensor
 
 
 def _chunked_vjp(
-    fn: Any, chunk_size: int, x: Tensor, params: Sequence[Tensor], wanted: Sequence[bool], grad: UpstreamGradient
+    fn: Any, chunk_size: int, x: Tensor, aligned: Sequence[Tensor], params: Sequence[Tensor], wanted: Sequence[bool],
+    grad: UpstreamGradient,
 ) -> tuple[Tensor, list[Tensor | None]]:
-    """`fn(x)` chunk by chunk, and the gradients of <fn(x), grad> with respect to x and params (None where unwanted).
+    """`fn(x, *aligned)` chunk by chunk, and the gradients of <fn(x), grad> with respect to x and params (None where
+    unwanted).
 
     One chunk's graph is alive at a time; the output and dL/dx are assembled from the chunks, dL/dparams summed.
     """
-    outs, x_grads = [], []
+    out, x_grad = _Assembly(x.shape[1]), _Assembly(x.shape[1])
     param_grads: list[Tensor | None] = [None] * len(params)
     wanted_params = [p for p, w in zip(params, wanted[1:]) if w]
     for piece in _pieces(x.shape[1], chunk_size):
         with torch.enable_grad():
             x_piece = x[:, piece].detach().requires_grad_(wanted[0])
-            out = fn(x_piece)
+            piece_out = fn(x_piece, *(a[:, piece] for a in aligned))
         inputs = ([x_piece] if wanted[0] else []) + wanted_params
         if inputs:
-            found = iter(torch.autograd.grad(out, inputs, grad.to(out.dtype)[:, piece], allow_unused=True))
+            found = iter(torch.autograd.grad(piece_out, inputs, grad.to(piece_out.dtype)[:, piece], allow_unused=True))
             if wanted[0]:
-                x_grads.append(next(found).to(x.dtype))
+                x_grad.put(piece, next(found), x.dtype)
             for i, w in enumerate(wanted[1:]):
                 g = next(found) if w else None
                 if g is not None:
                     param_grads[i] = g if param_grads[i] is None else param_grads[i].add_(g)
-        outs.append(out.detach())
-        del out
-    x_grad = torch.cat(x_grads, dim=1) if wanted[0] else None
-    return torch.cat(outs, dim=1), [x_grad, *param_grads]
+        out.put(piece, piece_out.detach())
+        del piece_out
+    return out.tensor, [x_grad.tensor, *param_grads]
 
 
-def chunked(fn: Any, x: Tensor, chunk_size: int, params: Sequence[Tensor]) -> Tensor:
-    """`fn(x)` with `fn`'s activation memory bounded by `chunk_size` positions (dim 1), also in backward.
+def chunked(
+    fn: Any, x: Tensor, chunk_size: int, params: Sequence[Tensor], aligned: Sequence[Tensor] = (), fuse: bool = True
+) -> Tensor:
+    """`fn(x, *aligned)` with `fn`'s activation memory bounded by `chunk_size` positions (dim 1), also in backward.
 
     `fn` must be position-wise (each output position depends on that input position only) and `params` must hold
-    every tensor it differentiates in. Short inputs (<= chunk_size) and `chunk_size` <= 0 run `fn` directly.
+    every tensor it differentiates in; `aligned` (no gradient) are sliced along dim 1 with `x`. `fuse=False` when
+    `fn`'s output is not the sublayer's output, whose gradient the engine announces (see `ChunkedFunction`). Short
+    inputs (<= chunk_size) and `chunk_size` <= 0 run `fn` directly.
     """
     if chunk_size <= 0 or x.shape[1] <= chunk_size:
-        return fn(x)
+        return fn(x, *aligned)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     if not needs_grad:
-        return _in_chunks(fn, x, chunk_size)
-    return ChunkedFunction.apply(fn, chunk_size, x, *params)
+        return _in_chunks(fn, x, aligned, chunk_size)
+    return ChunkedFunction.apply(fn, chunk_size, fuse, len(aligned), x, *aligned, *params)
 
 
 def _rerun(
@@ -559,8 +603,10 @@ class ReversibleStack(torch.autograd.Function):
 
     Call as `ReversibleStack.apply(x1, x2, blocks, arithmetic, capture_rng, num_aux, *aux, *params)`: `aux` are extra
     tensors every F and G receives (rotary cos/sin, padding mask; no gradient flows to them), `params` are all trainable
-    parameters of `blocks` in `reversible_params(blocks)` order. Streams go in and come out in the arithmetic's
-    representation (float64 on the grid for fixed point), which is a float so that autograd can carry their gradients.
+    parameters of `blocks` in `reversible_params(blocks)` order. Streams go in in the arithmetic's representation
+    (float64 on the grid for fixed point) and come out decoded (fp32), so the gradients that reach backward and those
+    it carries are fp32; the exact top streams stay inside, and backward frees each pair once it has rebuilt the
+    pair below.
     """
 
     @staticmethod
@@ -579,29 +625,61 @@ class ReversibleStack(torch.autograd.Function):
         ctx.blocks, ctx.arithmetic, ctx.contexts = blocks, arithmetic, contexts
         ctx.num_aux = num_aux
         ctx.sharded = is_sharded(blocks)  # then no parameters were handed in: FSDP reduces their gradients
-        ctx.save_for_backward(y1, y2, *aux)  # the top streams: every other activation is rebuilt from them
-        return y1, y2
+        ctx.save_for_backward(*aux)
+        # The top streams, from which every other activation is rebuilt. Held by the context rather than saved, so
+        # that backward can drop each pair of streams as soon as the pair below it is rebuilt (saved tensors live
+        # until backward returns); detached aliases, since an output kept on its own node would be a cycle.
+        ctx.streams = [y1.detach(), y2.detach()]
+        ctx.versions = [y1._version, y2._version]
+        # Unused outputs get no zero-filled gradient; the outputs leave decoded (fp32), so the gradients that arrive,
+        # and those the backward carries, are fp32 whatever the streams are.
+        ctx.set_materialize_grads(False)
+        out1, out2 = arithmetic.decode(y1), arithmetic.decode(y2)
+        ctx.grad_dtype = out2.dtype
+        return out1, out2
 
     @staticmethod
-    def backward(ctx: Any, dy1: Tensor, dy2: Tensor) -> tuple[Tensor | None, ...]:
-        y1, y2, *aux = ctx.saved_tensors
+    def backward(ctx: Any, dy1: Tensor | None, dy2: Tensor | None) -> tuple[Tensor | None, ...]:
+        if ctx.streams is None:
+            raise RuntimeError("The reversible stack's backward ran twice: its streams are freed as it goes, so "
+                               "retain_graph=True cannot back-propagate through it a second time.")
+        (y1, y2), ctx.streams = ctx.streams, None
+        if [y1._version, y2._version] != ctx.versions:
+            raise RuntimeError("An output of the reversible stack was modified in place after the forward; the "
+                               "backward rebuilds every activation from it. Apply the change out of place.")
+        aux = ctx.saved_tensors
         arithmetic: StreamArithmetic = ctx.arithmetic
+        dtype = ctx.grad_dtype
+        dy1 = dy1.to(dtype) if dy1 is not None else None
+        dy2 = dy2.to(dtype) if dy2 is not None else torch.zeros_like(y2, dtype=dtype)
         param_grads: list[list[Tensor]] = []
         for block, (f_ctx, g_ctx) in zip(reversed(ctx.blocks), reversed(ctx.contexts)):
             # G: x2 = y2 - G(y1);  dL/dy1 += (dG/dy1)^T dL/dy2
             x2, dy1_from_g, g_grads, keep_g = _rerun(block.g, g_ctx, arithmetic, y1, y2, dy2, aux, ctx.sharded)
-            dy1 = dy1 + dy1_from_g
+            del y2
+            dy1 = dy1_from_g if dy1 is None else dy1 + dy1_from_g
+            del dy1_from_g
             # F: x1 = y1 - F(x2);  dL/dx2 = dL/dy2 + (dF/dx2)^T dL/dy1
             x1, dx2_from_f, f_grads, keep_f = _rerun(block.f, f_ctx, arithmetic, x2, y1, dy1, aux, ctx.sharded)
+            del y1
             param_grads.append(f_grads + g_grads)
             # y1 = x1 + F(x2) passes dL/dy1 through to x1 (times keep for a scaled join y1 = keep * x1 + F(x2))
-            dx1 = dy1 if keep_f is None else dy1 * keep_f.to(dy1.dtype)
-            dx2 = dy2 if keep_g is None else dy2 * keep_g.to(dy2.dtype)
-            y1, y2, dy1, dy2 = x1, x2, dx1, dx2 + dx2_from_f
+            dx1 = dy1 if keep_f is None else dy1 * keep_f.to(dtype)
+            passed = dy2 if keep_g is None else dy2 * keep_g.to(dtype)
+            # In place on the re-run's fresh gradient, unless autograd handed back a gradient it was given.
+            dx2 = dx2_from_f + passed if _aliases(dx2_from_f, dy1, dy2) else dx2_from_f.add_(passed)
+            del passed
+            y1, y2, dy1, dy2 = x1, x2, dx1, dx2
+            del x1, x2, dx1, dx2, dx2_from_f
 
         flat_param_grads = [g for block_grads in reversed(param_grads) for g in block_grads]
         no_grads = (None,) * (4 + ctx.num_aux)  # blocks, arithmetic, capture_rng, num_aux, *aux
-        return (dy1, dy2, *no_grads, *flat_param_grads)
+        del y1, y2  # autograd casts the fp32 gradients to the inputs' dtype
+        return (dy1 if dy1 is not None else torch.zeros_like(dy2), dy2, *no_grads, *flat_param_grads)
+
+
+def _aliases(t: Tensor, *others: Tensor) -> bool:
+    return any(t.untyped_storage().data_ptr() == o.untyped_storage().data_ptr() for o in others)
 
 
 def stream_arithmetic(stream_dtype: str = "float32", fraction_bits: int = 32, keep_bits: int = 1) -> StreamArithmetic:
