@@ -30,8 +30,9 @@ class RevformerConfig(PreTrainedConfig):
         lsh_seed (`int`): seed of the fixed LSH rotations used in eval mode and generation (one per layer, derived
             from it); training draws fresh rotations every forward.
         chunk_size_feed_forward (`int`, defaults to 1024): the feed-forward runs this many tokens at a time, so its
-            (tokens, intermediate_size) activations never exist for a whole long sequence, in forward or backward;
-            shorter sequences run in one piece (0 = never chunk). Results do not depend on it.
+            (tokens, intermediate_size) activations never exist for a whole long sequence, in forward or backward,
+            and so does the attention's position-wise part (normalisation, projections, rotary); shorter sequences
+            run in one piece (0 = never chunk). Results do not depend on it.
         loss_chunk_size (`int`, defaults to 256): with labels for more positions (batch x length) than this, the LM
             head and cross-entropy run this many positions at a time and full logits never exist (0 = never chunk).
         stream_dtype (`str`): `float32` residual streams, or `fixed_point`: streams on a grid of

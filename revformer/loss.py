@@ -67,6 +67,29 @@ def _chunk_loss(hidden: Tensor, weight: Tensor, targets: Tensor, teacher: Teache
     return loss
 
 
+def _cross_entropy_with_grads(
+    h: Tensor, weight: Tensor, targets: Tensor, grad_hidden: Tensor | None, piece: slice, grad_weight: Tensor | None
+) -> Tensor:
+    """Summed cross-entropy of `h @ weight.T` (softmax in fp32), writing d/dh into `grad_hidden[piece]` and adding
+    d/dweight into `grad_weight`: the gradient with respect to the logits is softmax - one-hot, computed in place in
+    the logits buffer, so a chunk costs one (positions x vocabulary) fp32 buffer beside logsumexp's temporary."""
+    logits = F.linear(h, weight).float()
+    keep = targets != IGNORE_INDEX
+    index = targets.clamp(min=0).unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(1, index).squeeze(1)) * keep).sum()
+    if grad_hidden is None and grad_weight is None:
+        return loss
+    grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+    grad_logits.scatter_add_(1, index, grad_logits.new_full(index.shape, -1.0)).mul_(keep.unsqueeze(1))
+    grad_logits = grad_logits.to(h.dtype)
+    if grad_hidden is not None:
+        grad_hidden[piece] = grad_logits @ weight
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
+    return loss
+
+
 class ChunkedLMHeadLoss(torch.autograd.Function):
     """Summed loss (`_chunk_loss`) of `hidden @ weight.T` against `targets`, `chunk_size` positions at a time.
 
@@ -92,6 +115,10 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         with torch.autocast(weight.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 piece = slice(start, start + chunk_size)
+                if teacher is None:  # cross-entropy: its gradients in closed form, one logits buffer per chunk
+                    h = hidden[piece].detach().to(dtype)
+                    total += _cross_entropy_with_grads(h, w.detach(), targets[piece], grad_hidden, piece, grad_weight)
+                    continue
                 with torch.enable_grad():
                     h = hidden[piece].detach().to(dtype).requires_grad_(want_hidden)
                     loss = _chunk_loss(h, w, targets[piece], teacher and teacher.piece(piece, dtype))

@@ -165,6 +165,23 @@ class RevformerAttention(nn.Module):
             RevformerRMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm and self.k_proj is not None else None
         )
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self.chunk_size = config.chunk_size_feed_forward
+
+        # The heads of `project`'s output: queries, keys (none for lsh: they are the queries), values.
+        self.head_split = [self.num_heads, *([] if self.k_proj is None else [self.num_kv_heads]), self.num_kv_heads]
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The position-wise part: x (B, t, d) -> queries, keys and values side by side (B, t, heads, D), queries and
+        keys normalised (qk_norm) and rotated by the angles cos/sin (B|1, t, D)."""
+        h = self.norm(x)
+
+        def heads(proj: nn.Linear, norm: RevformerRMSNorm | None = None, rotate: bool = True) -> Tensor:
+            t = proj(h).unflatten(-1, (-1, self.head_dim))  # (B, t, H, D)
+            t = t if norm is None else norm(t)
+            return apply_rotary(t.transpose(1, 2), cos, sin).transpose(1, 2) if rotate else t
+
+        keys = [] if self.k_proj is None else [heads(self.k_proj, self.k_norm)]
+        return torch.cat([heads(self.q_proj, self.q_norm), *keys, heads(self.v_proj, rotate=False)], dim=2)
 
     def kernel_name(self, output_attentions: bool = False) -> str:
         """The implementation this layer runs: `config._attn_implementation` for `full` layers, the layer's own
@@ -187,18 +204,16 @@ class RevformerAttention(nn.Module):
         """x (B, T, d) -> (B, T, d). key_padding_mask (B, T_past + T) bool; document_ids (B, T) (packed documents,
         no cache); `attentions`, when a list, receives this layer's probabilities (B, H, T, T_past + T)."""
         batch, seq, _ = x.shape
-        h = self.norm(x)
-
-        def heads(t: Tensor, norm: RevformerRMSNorm | None = None) -> Tensor:  # (B, T, H*D) -> (B, H, T, D)
-            t = t.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-            return t if norm is None else norm(t)
-
-        q = apply_rotary(heads(self.q_proj(h), self.q_norm), cos, sin)
-        k = q if self.k_proj is None else apply_rotary(heads(self.k_proj(h), self.k_norm), cos, sin)
-        v = heads(self.v_proj(h))  # (B, H_kv, T, D): the cache keeps grouped key/value heads as they are
+        # The position-wise part runs a chunk of tokens at a time, so its normalisation, projection and rotary
+        # temporaries exist for one chunk, in backward too (its output is not the sublayer's: it recomputes there).
+        modules = (self.norm, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)  # what project runs
+        params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+        qkv = chunked(self.project, x, self.chunk_size, params, aligned=(cos, sin), fuse=False)
+        q, *kv = qkv.transpose(1, 2).split(self.head_split, dim=1)  # views (B, H, T, D) of (B, T, H, D)
+        k, v = (q, *kv) if self.k_proj is None else kv  # v: (B, H_kv, T, D), grouped heads kept as they are
         if cache is not None:  # (B, H, T_past + T, D)
             past = int(cache.get_seq_length(self.layer_idx))  # a static cache's count is a tensor updated in place
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v = cache.update(k.contiguous(), v.contiguous(), self.layer_idx)  # not views pinning the queries
             # A static cache returns all its slots: keep the filled ones, so queries sit at the end of the keys.
             k, v = k[:, :, : past + seq], v[:, :, : past + seq]
         name = self.kernel_name(output_attentions=attentions is not None)
