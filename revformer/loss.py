@@ -72,15 +72,16 @@ def _cross_entropy_with_grads(
 ) -> Tensor:
     """Summed cross-entropy of `h @ weight.T` (softmax in fp32), writing d/dh into `grad_hidden[piece]` and adding
     d/dweight into `grad_weight`: the gradient with respect to the logits is softmax - one-hot, computed in place in
-    the logits buffer, so a chunk costs one (positions x vocabulary) fp32 buffer beside logsumexp's temporary."""
+    the logits buffer, so a chunk costs one (positions x vocabulary) fp32 buffer."""
     logits = F.linear(h, weight).float()
     keep = targets != IGNORE_INDEX
     index = targets.clamp(min=0).unsqueeze(1)
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = ((lse - logits.gather(1, index).squeeze(1)) * keep).sum()
-    if grad_hidden is None and grad_weight is None:
-        return loss
-    grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+    target_logits = logits.gather(1, index)
+    top = logits.amax(-1, keepdim=True)
+    grad_logits = logits.sub_(top).exp_()  # exp(logits - max), in place
+    total = grad_logits.sum(-1, keepdim=True)
+    loss = ((total.log() + top - target_logits).squeeze(1) * keep).sum()  # logsumexp - target logit
+    grad_logits.div_(total)  # softmax
     grad_logits.scatter_add_(1, index, grad_logits.new_full(index.shape, -1.0)).mul_(keep.unsqueeze(1))
     grad_logits = grad_logits.to(h.dtype)
     if grad_hidden is not None:
@@ -128,17 +129,22 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                 if want_weight:
                     grad_weight += next(grads)
                 total += loss.detach()
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        # Results rather than saved tensors: backward scales them in place and hands them on (no second copy of a
+        # head-sized gradient), which it can do once.
+        ctx.grads = grad_hidden, grad_weight
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("The chunked loss computed its gradients for one backward; back-propagating it again "
+                               "(retain_graph=True) is not supported: compute the loss again instead.")
+        (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
 
 
