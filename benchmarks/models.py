@@ -11,6 +11,10 @@ training step of them.
   ablations of ``revformer_mean``, one change each (`ABLATIONS`, built from ``benchmarks.topologies``), for the
   depth-quality suite;
 - ``llama`` / ``llama_ckpt``: Hugging Face LlamaForCausalLM (sdpa), without / with activation checkpointing;
+- ``llama_scaled_init``: ``llama`` with GPT-2's depth-scaled initialisation of the weights that write into the residual
+  stream (o_proj and down_proj at std 0.02 / sqrt(2 * layers), `scale_output_init`), for the depth-quality suite;
+- ``llama_ckpt_offload``: ``llama_ckpt_chunked`` whose checkpointed layer inputs live in host memory
+  (``activation_checkpointing_enable(offload=True)``; needs an accelerator);
 - ``llama_ckpt_chunked``: ``llama_ckpt`` whose loss runs over `LOSS_CHUNK`-token chunks, each chunk's logits recomputed
   in backward (`ChunkedLossLlamaForCausalLM`): what users get from TRL or a fused/chunked linear cross-entropy, so
   the full (tokens x vocabulary) logits never exist;
@@ -30,11 +34,13 @@ ABLATIONS = {  # model name -> the one change it makes to revformer_mean (the su
     "revformer_scaled_init": "initialisation: o_proj and down_proj at std 0.02 / sqrt(2 * layers) (GPT-2's)",
 }
 BDIA_GAMMAS = {"revformer_bdia": None, "revformer_bdia_gamma64": 2**-6}  # None: convert.py's (BDIA_GAMMA, 1/16)
-MODELS = ("revformer", "revformer_plain", "revformer_mean", *BDIA_GAMMAS, *ABLATIONS, "llama", "llama_ckpt",
-          "llama_ckpt_chunked", "reformer")
+MODELS = ("revformer", "revformer_plain", "revformer_mean", *BDIA_GAMMAS, *ABLATIONS, "llama", "llama_scaled_init",
+          "llama_ckpt", "llama_ckpt_chunked", "llama_ckpt_offload", "reformer")
 LOSS_CHUNK = 1024  # llama_ckpt_chunked: tokens per chunk of its loss
 # What the depth/length suites run unless told: the shipped model, its plain path and the baselines.
-DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("revformer_mean", *BDIA_GAMMAS, *ABLATIONS))
+# llama_ckpt_offload needs an accelerator (its host copies are pinned): the memory suite runs it on CUDA only.
+DEFAULT_MODELS = tuple(m for m in MODELS if m not in ("revformer_mean", *BDIA_GAMMAS, *ABLATIONS, "llama_scaled_init",
+                                                      "llama_ckpt_offload"))
 LABELS = {
     "revformer": "revformer (reversible)",
     "revformer_plain": "revformer (reversible=False)",
@@ -46,8 +52,10 @@ LABELS = {
     "revformer_embed_one": "revformer, embedding into one stream",
     "revformer_scaled_init": "revformer, scaled output init",
     "llama": "Llama",
+    "llama_scaled_init": "Llama, depth-scaled init (GPT-2)",
     "llama_ckpt": "Llama + checkpointing",
     "llama_ckpt_chunked": "Llama + checkpointing + chunked loss",
+    "llama_ckpt_offload": "Llama + checkpointing offloaded to host + chunked loss",
     "reformer": "HF Reformer (local)",
 }
 # Plot style per model (colour, marker, line): overlapping curves stay visible.
@@ -56,8 +64,9 @@ STYLES = {"revformer": ("C0", "o", "-"), "revformer_plain": ("C1", "s", "--"), "
           "revformer_bdia_gamma64": ("C6", "X", "-."), "revformer_merge_newest": ("C7", "<", ":"),
           "revformer_merge_learned": ("C7", "h", "--"),
           "revformer_embed_one": ("C8", ">", ":"), "revformer_scaled_init": ("C9", "*", ":"),
-          "llama": ("C2", "^", "-"),
-          "llama_ckpt": ("C3", "v", "--"), "llama_ckpt_chunked": ("C1", "<", "-."), "reformer": ("C4", "D", ":")}
+          "llama": ("C2", "^", "-"), "llama_scaled_init": ("C2", "v", "--"),
+          "llama_ckpt": ("C3", "v", "--"), "llama_ckpt_chunked": ("C1", "<", "-."),
+          "llama_ckpt_offload": ("C1", ">", ":"), "reformer": ("C4", "D", ":")}
 
 
 @dataclass
@@ -105,6 +114,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     # HuggingFaceTB/SmolLM2-135M: tied embeddings (as every model here), GQA 9 heads / 3 key-value heads
     "smollm2-135m": {"hidden_size": 576, "num_layers": 30, "num_heads": 9, "num_kv_heads": 3,
                      "intermediate_size": 1536, "vocab_size": 49152, "rope_theta": 100000.0, "rms_norm_eps": 1e-5},
+    # meta-llama/Llama-3.2-1B: tied embeddings, GQA 32 heads / 8 key-value heads (its llama3 RoPE scaling left out:
+    # it changes no tensor's size)
+    "llama-3.2-1b": {"hidden_size": 2048, "num_layers": 16, "num_heads": 32, "num_kv_heads": 8,
+                     "intermediate_size": 8192, "vocab_size": 128256, "rope_theta": 500000.0, "rms_norm_eps": 1e-5},
 }
 
 
@@ -121,7 +134,8 @@ def build_model(spec: Spec) -> Any:
     torch.manual_seed(spec.seed)
     common = {"vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers,
               "num_attention_heads": spec.num_heads, "max_position_embeddings": spec.seq_len, "use_cache": False}
-    rope = {} if spec.rope_theta is None else {"rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta}}
+    rope = ({} if spec.rope_theta is None
+            else {"rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta}})
     eps = {} if spec.rms_norm_eps is None else {"rms_norm_eps": spec.rms_norm_eps}
     buckets = max(2, spec.seq_len // spec.attn_chunk // 2 * 2)  # ~one bucket per chunk, even
     if spec.model.startswith("revformer"):
@@ -131,7 +145,8 @@ def build_model(spec: Spec) -> Any:
         chunks = {"chunk_size_feed_forward": spec.chunk if spec.ff_chunk is None else spec.ff_chunk,
                   "loss_chunk_size": spec.chunk if spec.loss_chunk is None else spec.loss_chunk}
         # revformer_bdia*: the coupling convert.py produces (a Llama block stack out of training), from scratch
-        bdia = {"coupling": "bdia", "stream_dtype": "fixed_point", "bdia_gamma": BDIA_GAMMAS.get(spec.model) or BDIA_GAMMA}
+        bdia = {"coupling": "bdia", "stream_dtype": "fixed_point",
+                "bdia_gamma": BDIA_GAMMAS.get(spec.model) or BDIA_GAMMA}
         from .topologies import topology
 
         config = RevformerConfig(
@@ -148,10 +163,14 @@ def build_model(spec: Spec) -> Any:
 
         config = LlamaConfig(**common, intermediate_size=spec.intermediate_size, num_key_value_heads=spec.kv_heads,
                              tie_word_embeddings=True, attn_implementation="sdpa", **rope, **eps)
-        chunked = spec.model == "llama_ckpt_chunked"
+        chunked = spec.model in ("llama_ckpt_chunked", "llama_ckpt_offload")
         model = (chunked_loss_llama_class() if chunked else LlamaForCausalLM)(config)
         if spec.model in ("llama_ckpt", "llama_ckpt_chunked"):
             model.activation_checkpointing_enable()
+        if spec.model == "llama_ckpt_offload":  # checkpointed layer inputs kept in pinned host memory
+            model.activation_checkpointing_enable(offload=True)
+        if spec.model == "llama_scaled_init":
+            scale_output_init(model)
     else:
         from transformers import ReformerConfig, ReformerModelWithLMHead
 
@@ -224,16 +243,22 @@ def chunked_loss_llama_class() -> Any:
     return _CHUNKED_LOSS_LLAMA
 
 
+def depth_scaled_std(layers: int, initializer_range: float = 0.02) -> float:
+    """GPT-2's std for the weights that write into the residual stream: initializer_range / sqrt(2 * layers)."""
+    return initializer_range / (2 * layers) ** 0.5
+
+
 def scale_output_init(model: Any) -> None:
-    """Re-draw every block's o_proj and down_proj weights at std initializer_range / sqrt(2 * layers) (GPT-2's
-    initialisation), in place, after the model's own initialisation."""
+    """Re-draw every o_proj and down_proj weight (attention output and MLP down projection of each block, revformer's
+    or Llama's) from normal(0, `depth_scaled_std`), in place, in parameter order, after the model's own
+    initialisation: the draws continue the generator that `build_model` seeded."""
     import torch
 
-    std = model.config.initializer_range / (2 * model.config.num_hidden_layers) ** 0.5
+    std = depth_scaled_std(model.config.num_hidden_layers, model.config.initializer_range)
     with torch.no_grad():
-        for block in model.model.layers:
-            block.attention.o_proj.weight.normal_(0.0, std)
-            block.feed_forward.down_proj.weight.normal_(0.0, std)
+        for name, weight in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                weight.normal_(0.0, std)
 
 
 def make_optimizer(model: Any, lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple = (0.9, 0.95)) -> Any:

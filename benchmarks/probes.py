@@ -1,9 +1,10 @@
 """Memory and time probes, run inside a fresh worker process.
 
-Memory on CUDA is ``torch.cuda.max_memory_allocated``; on CPU both MemTracker's peak tensor memory and the process's
-peak RSS (the parent sets MALLOC_ENV, so glibc returns freed memory at once and RSS follows live tensors). Step
-times are medians of steps taken round-robin over the compared models in one process, so their ratios share the
-machine's noise.
+Memory on CUDA is ``torch.cuda.max_memory_allocated``. On CPU: the activation peak of a forward+backward from
+torch.profiler's allocation events (gradients excluded, ``benchmarks.breakdown``), MemTracker's peak tensor memory of
+a training step, and the process's peak RSS (the parent sets MALLOC_ENV, so glibc returns freed memory at once and
+RSS follows live tensors). Step times are medians of steps taken round-robin over the compared models in one process,
+so their ratios share the machine's noise. ``breakdown_main``: which tensors hold the peak of one forward+backward.
 """
 
 from __future__ import annotations
@@ -119,12 +120,16 @@ def memory_worker(spec: Spec, budget: int | None, warmup_len: int, with_optimize
     resident = stats["param_bytes"] + stats["optimizer_state_bytes"]  # alive before the step starts
     ids = random_ids(spec)
 
+    # A forward+backward on CPU is profiled (breakdown.activation_timeline): its activation peak leaves out the
+    # gradients, including those the reversible engine holds before autograd accumulates them, which MemTracker
+    # counts as activations. A training step keeps MemTracker.
+    profiled = not cuda and optimizer is None
     tracker, done = None, threading.Event()
     if cuda:
         synchronize(spec.device)
         torch.cuda.reset_peak_memory_stats()
     else:
-        if spec.model != "reformer":  # MemTracker asserts on Reformer's custom autograd Function
+        if spec.model != "reformer" and not profiled:  # MemTracker asserts on Reformer's custom autograd Function
             tracker = memtracker(*(m for m in (model, optimizer) if m is not None))
         rss_before = proc_status("VmRSS")
         reset_peak_rss()
@@ -142,10 +147,18 @@ def memory_worker(spec: Spec, budget: int | None, warmup_len: int, with_optimize
             threading.Thread(target=watchdog, daemon=True).start()
 
     start = time.perf_counter()
+    profile: dict[str, Any] = {}
     try:
         if tracker is not None:
             with tracker:
                 loss = step()
+        elif profiled:
+            from .breakdown import activation_timeline
+
+            losses: list[float] = []
+            profile = activation_timeline(lambda: losses.append(step()), params=model.parameters(), top=10,
+                                          tokens=spec.batch_size * spec.seq_len, hidden_size=spec.hidden_size)
+            loss = losses[0]
         else:
             loss = step()
         synchronize(spec.device)
@@ -165,6 +178,10 @@ def memory_worker(spec: Spec, budget: int | None, warmup_len: int, with_optimize
             parts = memtracker_peak(tracker)
             record.update(memtracker_peak_bytes=parts["Total"], memtracker_breakdown=parts)
             record.update(peak_bytes=parts["Total"], peak_source="memtracker")
+        elif profile:
+            record.update(activation_peak_bytes=profile["peak_activation_bytes"],
+                          activation_categories=profile["categories"], activation_peak=profile.get("peak"),
+                          peak_bytes=resident + profile["peak_total_bytes"], peak_source="profiler")
         else:
             record.update(peak_bytes=record["rss_peak_bytes"], peak_source="rss")
     record["activation_bytes"] = record["peak_bytes"] - stats["static_bytes"]
@@ -204,3 +221,42 @@ def memory_main(payload: dict[str, Any]) -> None:
 def time_main(payload: dict[str, Any]) -> None:
     """Worker mode `time`."""
     time_worker([Spec(**s) for s in payload["specs"]], payload["warmup"], payload["steps"])
+
+
+def breakdown_worker(spec: Spec, warmup_len: int, top: int) -> None:
+    """Which tensors hold the peak of one forward+backward at `spec.seq_len` (`breakdown.activation_timeline`),
+    after a warm-up forward+backward at `warmup_len` tokens that creates any lazily built state, from zeroed (None)
+    gradients, so that only what the step itself allocates is counted."""
+    import torch
+
+    from .breakdown import activation_timeline
+
+    setup_worker(spec)
+    record: dict[str, Any] = {"mode": "breakdown", "spec": dataclasses.asdict(spec)}
+    record.update(environment(spec.device, spec.threads))
+    model = build_model(spec)
+    forward_backward(model, random_ids(spec, min(spec.seq_len, warmup_len)), spec.device, spec.dtype)
+    model.zero_grad(set_to_none=True)
+    record.update(param_stats(model))
+    ids = random_ids(spec)
+    losses: list[float] = []
+
+    def step() -> None:
+        losses.append(float(forward_backward(model, ids, spec.device, spec.dtype)))
+
+    start = time.perf_counter()
+    try:
+        result = activation_timeline(step, params=model.parameters(), tokens=spec.batch_size * spec.seq_len,
+                                     hidden_size=spec.hidden_size, device=spec.device, top=top)
+    except torch.OutOfMemoryError:
+        record.update(ok=False, oom=True)
+        emit(record)
+        return
+    record.update(result, ok=True, loss=losses[0], profiled_s=round(time.perf_counter() - start, 1),
+                  peak_bytes=result["peak_activation_bytes"], peak_source="profiler: activations")
+    emit(record)
+
+
+def breakdown_main(payload: dict[str, Any]) -> None:
+    """Worker mode `breakdown`."""
+    breakdown_worker(Spec(**payload["spec"]), payload.get("warmup_len", 256), payload.get("top", 30))

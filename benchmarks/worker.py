@@ -15,6 +15,7 @@ from typing import Any
 MODES = {
     "memory": "benchmarks.probes:memory_main",  # peak memory of one step (compare)
     "time": "benchmarks.probes:time_main",  # interleaved step times (compare)
+    "breakdown": "benchmarks.probes:breakdown_main",  # which tensors hold the peak (breakdown)
     "train": "benchmarks.corpus:train_main",  # train and score bpb (quality, depth_quality)
     "lsh_memory": "benchmarks.suites.lsh:memory_worker",
     "conversion_memory": "benchmarks.suites.conversion:memory_worker",

@@ -329,7 +329,9 @@ class RevformerBDIALayer(GradientCheckpointingLayer):
         else:
             gamma = x.new_zeros(x.shape[0], 1, 1, dtype=torch.float32)
         step = (1.0 + gamma).to(x.dtype)
-        return (1.0 - gamma).to(x.dtype) * x + step * a + self.feed_forward(x + a, scale=step), gamma
+        h, rest = x + a, torch.addcmul((1.0 - gamma).to(x.dtype) * x, step, a)
+        del a  # not saved by either: two stream-sized tensors beside the feed-forward's activations, not three
+        return rest + self.feed_forward(h, scale=step), gamma
 
     def forward(
         self, x1: Tensor, x2: Tensor, *aux: Tensor | None, cache: Cache | None = None,

@@ -448,7 +448,7 @@ class _Assembly:
 
 def _in_chunks(fn: Any, x: Tensor, aligned: Sequence[Tensor], chunk_size: int) -> Tensor:
     """`fn(x, *aligned)` one chunk of dim 1 at a time, without recording anything for backward."""
-    out = _Assembly(x.shape[1])
+    out, x = _Assembly(x.shape[1]), x.detach()  # slices of a detached x: no autograd views without a graph
     for piece in _pieces(x.shape[1], chunk_size):
         out.put(piece, fn(x[:, piece], *(a[:, piece] for a in aligned)))
     return out.tensor

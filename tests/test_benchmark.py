@@ -204,3 +204,212 @@ def test_memory_suite_at_a_hub_shape_with_the_chunked_loss_baseline(tmp_path: Pa
     assert "| Llama + checkpointing + chunked loss | " in readme
     assert "ratio to Llama + checkpointing + chunked" in readme
     assert "(d=576, 1 layers, 9 heads / 3 key-value heads, vocabulary 49152" in readme
+
+
+def memory_record(variant: str, seq_len: int, layers: int, growth: int, gradients: int | None = None,
+                  **fields: Any) -> dict[str, Any]:
+    """A memory-suite record as the worker writes it (the fields the report reads), at a Hub-like width."""
+    from benchmarks.suites.compare.memory import MEMORY_VARIANTS
+
+    model, overrides = MEMORY_VARIANTS[variant]
+    spec = {"model": model, "hidden_size": 2048, "num_layers": layers, "num_heads": 32, "num_kv_heads": 8,
+            "vocab_size": 128256, "seq_len": seq_len, "batch_size": 1, "dtype": "fp32", "chunk": None,
+            "ff_chunk": None, "loss_chunk": None, **overrides}
+    record = {"mode": "memory", "ok": True, "over_budget": False, "spec": spec, "variant": variant,
+              "growth_bytes": growth, **fields}
+    if gradients is not None:
+        record["memtracker_breakdown"] = {"Gradient": gradients, "Total": growth + 1}
+    return record
+
+
+def test_memory_depths_extrapolate_to_full_depth(tmp_path: Path) -> None:
+    """`memory.depths=[1,2]` measures each variant at 1 and 2 layers (tagged with the full depth, 3) and the JSON
+    summary gives the line through them and its value at 3 layers, checked against the recorded rows; the report
+    labels the row and the depth fit "extrapolated from 1 and 2 layers". Plain Llama: its activations grow with
+    depth, so a wrong slope or intercept shows."""
+    import argparse
+
+    from benchmarks.runner import Runner
+    from benchmarks.suites.compare import memory
+    from benchmarks.suites.compare.memory import activation
+
+    sizes = {**memory.CPU, "hidden_size": 64, "num_heads": 2, "num_layers": 3, "vocab_size": 512, "lengths": [256],
+             "depths": [1, 2], "longest": [], "variants": ["llama"]}
+    args = argparse.Namespace(device="cpu", dtype="fp32", threads=1, models=["llama"], memory_budget_gib=None)
+    memory.run(Runner(tmp_path, 120), args, sizes)  # real workers, one per depth
+    records = read_jsonl(tmp_path / "memory.jsonl")
+    rows = {r["spec"]["num_layers"]: r for r in records if r["mode"] == "memory"}
+    assert set(rows) == {1, 2} and all(r["ok"] and r["full_layers"] == 3 for r in rows.values())
+    a1, a2 = (activation(rows[d])[0] for d in (1, 2))
+    assert a2 > a1 > 0 and all(activation(r)[1] == "activation_peak" for r in rows.values())
+    (summary,) = [r for r in records if r["mode"] == "memory_summary"]
+    (fig,) = summary["figures"]
+    assert (fig["variant"], fig["seq_len"], fig["layers"], fig["extrapolated_from"]) == ("llama", 256, 3, [1, 2])
+    assert fig["measured"] == [[1, a1], [2, a2]] and fig["source"] == "extrapolated from 1 and 2 layers"
+    assert fig["slope_bytes_per_layer"] == pytest.approx(a2 - a1)
+    assert fig["intercept_bytes"] == pytest.approx(2 * a1 - a2)
+    assert fig["bytes"] == round(a2 + (a2 - a1))
+    readme = "\n".join(memory.markdown({"memory": records}))
+    assert f"| Llama (extrapolated from 1 and 2 layers) | {fig['bytes'] / 2**20:.0f} |" in readme
+    assert "(d=64, 3 layers; extrapolated from 1 and 2 layers," in readme
+    assert f"| Llama | 256 | 1: {a1 / 2**20:.0f}, 2: {a2 / 2**20:.0f} | {(a2 - a1) / 2**20:.1f} |" in readme
+    assert "measured as: activation peak (profiler: live tensors other than parameters and gradients)" in readme
+
+
+def test_memory_targets_use_the_activation_measure_and_extrapolated_figures() -> None:
+    """Every memory comparison is of activation memory: the profiler's `activation_peak_bytes` where a record has it,
+    else growth minus the gradients at the peak, else growth; the targets against the fair baseline are judged on
+    that measure, on figures extrapolated to full depth when the run measured two depths, and say so."""
+    from benchmarks.suites.compare import memory
+
+    MiB = 2**20
+    assert memory.activation(memory_record("revformer", 4096, 16, 900, 400)) == (500, "growth_minus_gradients")
+    assert memory.activation(memory_record("revformer", 4096, 16, 900, 400, activation_peak_bytes=300)) == (
+        300, "activation_peak")
+    assert memory.activation(memory_record("revformer", 4096, 16, 900)) == (900, "growth")
+
+    # Full depth (16 layers): revformer's growth is 0.6x the baseline's (would miss <= 0.5x), its activations 0.4x.
+    fair = [memory_record("llama_ckpt_chunked", t, 16, 1000 * MiB, 0, full_layers=16) for t in (4096, 16384)]
+    rev = [memory_record("revformer", 4096, 16, 600 * MiB, 200 * MiB, full_layers=16),
+           memory_record("revformer", 16384, 16, 600 * MiB, 200 * MiB, full_layers=16)]
+    status = {name: (figure, s) for name, figure, s in memory.targets({"memory": fair + rev})}
+    (name4,) = [n for n in status if "at 4096 tokens" in n]
+    assert "revformer, default config" in name4 and "<= 0.5x" in name4 and "(d=2048, 16 layers)" in name4
+    assert status[name4] == ("400 vs 1000 MiB (0.40x); peak growth minus the gradients alive at the peak", "met")
+    (name16,) = [n for n in status if "at 16384 tokens" in n]
+    assert "<= 0.25x" in name16 and status[name16][1] == "missed"
+    # The profiler's figure, where present, wins: 200 MiB is 0.2x.
+    rev[1]["activation_peak_bytes"] = 200 * MiB
+    assert memory.targets({"memory": fair + rev})[1][1:] == (
+        "200 vs 1000 MiB (0.20x); activation peak (profiler: live tensors other than parameters and gradients)", "met")
+    md = "\n".join(memory.markdown({"memory": fair + rev}))
+    assert ("measured as: activation peak (profiler: live tensors other than parameters and gradients); peak growth "
+            "minus the gradients alive at the peak; MiB") in md
+
+    # Two depths (2 and 4 layers) of an 16-layer shape: activation = c + s x layers, extrapolated to 16.
+    def line(variant: str, c: int, s: int, gradients: int = 0) -> list[dict[str, Any]]:
+        return [memory_record(variant, 16384, d, (c + s * d) * MiB + gradients, gradients, full_layers=16)
+                for d in (2, 4)]
+
+    records = line("revformer", 500, 1, 7 * MiB) + line("revformer_bdia", 500, 25) + line("llama_ckpt_chunked", 800, 100)
+    table, _ = memory.memory_tables(records)
+    assert table["revformer"][16384].bytes == 516 * MiB and table["llama_ckpt_chunked"][16384].bytes == 2400 * MiB
+    assert table["revformer_bdia"][16384].slope == 25 * MiB and table["revformer_bdia"][16384].intercept == 500 * MiB
+    status = {name: (figure, s) for name, figure, s in memory.targets({"memory": records})}
+    bdia = next(n for n in status if n.startswith("revformer, bdia") and "16384 tokens" in n)
+    assert "<= 0.35x" in bdia and "extrapolated from 2 and 4 layers" in bdia
+    assert status[bdia] == ("900 vs 2400 MiB (0.38x) (extrapolated); peak growth minus the gradients alive at the peak",
+                            "missed")
+    growth = next(n for n in status if "grows <= 5%" in n)
+    assert "from 2 to 16 layers" in growth and status[growth] == (
+        "502 -> 516 MiB (+2.8%, extrapolated from 2 and 4 layers); peak growth minus the gradients alive at the peak",
+        "met")
+    summary = memory.summary(records)
+    (fig,) = [f for f in summary["figures"] if f["variant"] == "revformer_bdia"]
+    assert (fig["bytes"], fig["extrapolated_from"], fig["layers"]) == (900 * MiB, [2, 4], 16)
+
+
+def test_memory_offload_is_computed_on_cpu() -> None:
+    """On CPU, Llama + checkpointing offloaded to host is never run, only computed beside the fair baseline: the bytes
+    it moves off the device are exactly layers x batch x tokens x hidden x element size (the full depth's, also when
+    extrapolated), copied out and back at the stated bandwidth."""
+    import argparse
+
+    from benchmarks.models import MODELS
+    from benchmarks.suites.compare import memory
+
+    assert memory.offload_figures(16, 1, 4096, 2048) == {
+        "fp32": {"bytes": 16 * 4096 * 2048 * 4, "copy_s": 2 * 16 * 4096 * 2048 * 4 / 50e9},
+        "bf16": {"bytes": 16 * 4096 * 2048 * 2, "copy_s": 2 * 16 * 4096 * 2048 * 2 / 50e9}}
+    assert memory.offload_figures(30, 2, 1000, 576, bandwidth=1e9)["bf16"] == {"bytes": 30 * 2 * 1000 * 576 * 2,
+                                                                             "copy_s": 4 * 30 * 2 * 1000 * 576 / 1e9}
+    records = [memory_record("llama_ckpt_chunked", 4096, d, (800 + 100 * d) * 2**20, 0, full_layers=16)
+               for d in (2, 4)]
+    (row,) = memory.summary(records)["offload_computed"]
+    assert (row["layers"], row["fp32"]["bytes"], row["bf16"]["bytes"]) == (16, 16 * 4096 * 2048 * 4, 16 * 4096 * 2048 * 2)
+    assert row["baseline_bytes"] == 2400 * 2**20 and row["baseline_source"] == "extrapolated from 2 and 4 layers"
+    md = "\n".join(memory.markdown({"memory": records}))
+    assert "Computed, not measured: Llama + checkpointing offloaded to host + chunked loss" in md
+    assert "| 4096 | 2400 (extrapolated from 2 and 4 layers) | 512 | 256 | 21.5 | 10.7 |" in md
+    models = ["revformer_bdia", "llama_ckpt_chunked"]
+    cpu = argparse.Namespace(device="cpu", models=[*models, "llama_ckpt_offload"])
+    assert memory.selected(cpu, {}) == models
+    cuda = memory.selected(argparse.Namespace(device="cuda", models=models), {})
+    assert cuda == models + ["llama_ckpt_offload"] * ("llama_ckpt_offload" in MODELS)
+    # A measured offload row replaces the computed one.
+    measured = records + [memory_record("llama_ckpt_offload", 4096, 16, 2**30, 0, full_layers=16)]
+    assert memory.summary(measured)["offload_computed"] == []
+
+
+def test_memory_run_at_the_1b_shape_measures_two_depths(tmp_path: Path) -> None:
+    """`--shape llama-3.2-1b --set memory.depths=[2,4]` asks for every variant and length at 2 and 4 layers, tagged
+    with the shape's 16 layers, and appends the JSON summary; memory.depths other than two layer counts is refused."""
+    import argparse
+
+    from benchmarks.models import SHAPES
+    from benchmarks.report import append_jsonl
+    from benchmarks.suites.compare import memory
+
+    class Recorder:
+        out = tmp_path
+
+        def memory(self, spec: Any, suite: str, budget: Any = None, with_optimizer: bool = True, **tags: Any) -> dict:
+            growth = (100 + 10 * spec.num_layers) * 2**20
+            record = memory_record(tags.pop("variant"), spec.seq_len, spec.num_layers, growth, 0, **tags)
+            append_jsonl(tmp_path / f"{suite}.jsonl", [record])
+            return record
+
+    sizes = {**memory.CPU, **SHAPES["llama-3.2-1b"], "lengths": [512], "depths": [2, 4], "longest": [],
+             "variants": ["revformer", "llama_ckpt_chunked"]}
+    args = argparse.Namespace(device="cpu", dtype="fp32", threads=1, models=["revformer", "llama_ckpt_chunked"],
+                              memory_budget_gib=None)
+    memory.run(Recorder(), args, sizes)
+    records = read_jsonl(tmp_path / "memory.jsonl")
+    asked = [(r["variant"], r["spec"]["num_layers"], r["full_layers"]) for r in records if r["mode"] == "memory"]
+    assert asked == [("revformer", 2, 16), ("revformer", 4, 16), ("llama_ckpt_chunked", 2, 16),
+                     ("llama_ckpt_chunked", 4, 16)]
+    assert all(r["spec"]["hidden_size"] == 2048 for r in records if r["mode"] == "memory")
+    summary = records[-1]
+    assert summary["mode"] == "memory_summary" and summary["ok"]
+    assert [(f["variant"], f["bytes"]) for f in summary["figures"]] == [("revformer", 260 * 2**20),
+                                                                         ("llama_ckpt_chunked", 260 * 2**20)]
+    with pytest.raises(SystemExit, match="two different layer counts"):
+        memory.run(Recorder(), args, {**sizes, "depths": [2, 2]})
+
+
+def test_cost_suite_times_revformer_against_the_fair_baseline(tmp_path: Path) -> None:
+    """`cost.variants` times any MEMORY_VARIANTS in one worker (revformer against Llama + checkpointing + chunked
+    loss at a Hub shape), and the target "step time <= 1.1x" that baseline is judged on the interleaved medians."""
+    import argparse
+
+    from benchmarks.models import SHAPES
+    from benchmarks.suites.compare import cost
+
+    class Recorder:
+        specs: tuple[Any, ...] = ()
+
+        def time(self, specs: list[Any], suite: str, steps: int, **tags: Any) -> list[dict]:
+            self.specs = specs
+            return []
+
+    runner = Recorder()
+    args = argparse.Namespace(device="cpu", dtype="fp32", threads=1)
+    sizes = {**cost.CPU, **SHAPES["smollm2-135m"], "variants": ["revformer", "llama_ckpt_chunked"], "seq_len": 4096}
+    cost.run(runner, args, sizes)
+    assert [(s.model, s.num_layers, s.hidden_size, s.seq_len) for s in runner.specs] == [
+        ("revformer", 30, 576, 4096), ("llama_ckpt_chunked", 30, 576, 4096)]
+    with pytest.raises(SystemExit, match="unknown cost.variants"):
+        cost.run(runner, args, {**sizes, "variants": ["revformer", "llama_ckpt_chunkd"]})
+
+    def timed(model: str, step_s: float) -> dict[str, Any]:
+        spec = {"model": model, "num_layers": 30, "hidden_size": 576, "seq_len": 4096, "vocab_size": 49152,
+                "chunk": None, "ff_chunk": None, "loss_chunk": None}
+        return {"mode": "time", "ok": True, "spec": spec, "step_s": step_s, "step_times_s": [step_s] * 3}
+
+    for rev, status in ((10.9, "met"), (11.2, "missed")):
+        ((name, figure, got),) = cost.targets({"cost": [timed("revformer", rev), timed("llama_ckpt_chunked", 10.0)]})
+        assert name == ("Default revformer's step time <= 1.1x Llama + checkpointing + chunked loss (30 layers, d=576, "
+                        "T=4096)")
+        assert got == status and figure.startswith(f"{rev:.2f} s vs 10.00 s ({rev / 10:.2f}x")
+    md = "\n".join(cost.markdown({"cost": [timed("revformer", 11.0), timed("llama_ckpt_chunked", 10.0)]}))
+    assert "| revformer, default config | 11.000 | +10.0% |" in md and "vs Llama + checkpointing + chunked loss" in md

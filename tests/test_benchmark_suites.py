@@ -40,7 +40,7 @@ def test_every_suite_follows_one_protocol(capsys: pytest.CaptureFixture[str]) ->
     arguments; its `--help` is its docstring. Nothing in the harness edits sys.path, and no script wraps it."""
     from benchmarks import suites
 
-    assert len(suites.SUITES) == 10
+    assert len(suites.SUITES) == 11
     for name in suites.SUITES:
         module = suites.load(name)
         assert module.NAME == name and module.__doc__ and suites.summary(module), name
@@ -163,20 +163,37 @@ def test_data_tiny(tmp_path: Path) -> None:
     assert "| documents (train / validation) |" in (tmp_path / "data.md").read_text()
 
 
-@pytest.mark.slow  # seven training workers
+@pytest.mark.slow  # twenty-odd training workers
 def test_depth_quality_tiny(tmp_path: Path) -> None:
-    from benchmarks.models import ABLATIONS
+    import torch
+
+    from benchmarks.models import ABLATIONS, Spec, build_model
+
+    # The depth-scaled Llama: o_proj and down_proj at std 0.02 / sqrt(2 * 8) = 0.005, every other weight Llama's.
+    llama, scaled = (build_model(Spec(model=m, num_layers=8, hidden_size=64)).state_dict()
+                     for m in ("llama", "llama_scaled_init"))
+    redrawn = [k for k in llama if k.endswith(("o_proj.weight", "down_proj.weight"))]
+    assert len(redrawn) == 16 and all(torch.equal(llama[k], scaled[k]) for k in llama if k not in redrawn)
+    assert abs(torch.cat([scaled[k].flatten() for k in redrawn]).std() - 0.005) < 2e-4
+    assert abs(torch.cat([llama[k].flatten() for k in redrawn]).std() - 0.02) < 1e-3
 
     run_suite("depth_quality", "--tiny", "--jobs", "2", "--out", str(tmp_path))
     sweep = read_jsonl(tmp_path / "sweep.jsonl")
     main = {r["spec"]["model"]: r for r in read_jsonl(tmp_path / "main.jsonl")}
-    assert len(sweep) == 6 and all(r["ok"] and r["val_bpb"] > 0 for r in sweep)  # 3 models x 2 rates
-    assert set(main) == {"revformer", "llama", "revformer_mean", "revformer_plain"}
+    assert len(sweep) == 8 and all(r["ok"] and r["val_bpb"] > 0 for r in sweep)  # 4 models x 2 rates
+    assert {r["spec"]["model"] for r in sweep} == {"revformer", "llama", "revformer_mean", "llama_scaled_init"}
+    assert set(main) == {"revformer", "llama", "revformer_mean", "revformer_plain", "llama_scaled_init"}
     assert all(r["ok"] and r["val_bpb"] > 0 and r["spec"]["num_layers"] == 1 for r in main.values())
-    assert main["revformer"]["params"] == main["llama"]["params"]  # equal parameter counts by construction
+    assert main["revformer"]["params"] == main["llama"]["params"] == main["llama_scaled_init"]["params"]
     assert main["revformer"]["reconstruction_error"] is not None and main["llama"]["reconstruction_error"] is None
     readme = (tmp_path / "README.md").read_text()
-    assert "| 1 | " in readme and "Learning-rate sweep" in readme and "Check, revformer with `reversible=False`" in readme
+    assert "| 1 | " in readme and "Learning-rate sweep" in readme
+    assert "Check, revformer with `reversible=False`" in readme
+    rev, scaled_run = main["revformer"], main["llama_scaled_init"]
+    gap = f"{100 * (rev['val_bpb'] / scaled_run['val_bpb'] - 1):+.1f}%"
+    assert "| Llama, depth-scaled init bpb (lr) | revformer vs depth-scaled Llama |" in readme
+    assert f"| {scaled_run['val_bpb']:.4f} ({scaled_run['lr']:g}) | {gap} |" in readme
+    assert "| 1 | llama_scaled_init | " in readme and "Llama, depth-scaled init: " in readme
     assert (tmp_path / "depth_quality.png").stat().st_size > 0
     run_suite("depth_quality", "ablate", "--tiny", "--out", str(tmp_path))
     ablations = {(r["spec"]["model"], r["lr"]): r for r in read_jsonl(tmp_path / "ablation.jsonl")}
@@ -188,7 +205,8 @@ def test_depth_quality_tiny(tmp_path: Path) -> None:
         assert r["ok"] and r["stopped_at"] == 2 and r["steps"] == 4  # the main runs' schedule
         assert [step for step, _ in r["val_bpb_curve"]] == [2] and r["reconstruction_error"] < 1e-4
     readme = (tmp_path / "README.md").read_text()
-    assert "| revformer_mean ablation | lr 0.001 |" in readme and f"| revformer_embed_one ablation | {ABLATIONS['revformer_embed_one']}" in readme
+    assert "| revformer_mean ablation | lr 0.001 |" in readme
+    assert f"| revformer_embed_one ablation | {ABLATIONS['revformer_embed_one']}" in readme
     run_suite("depth_quality", "bdia", "--tiny", "--out", str(tmp_path))
     bdia = {r["spec"]["model"]: r for r in read_jsonl(tmp_path / "bdia.jsonl")}
     assert set(bdia) == {"revformer_bdia", "revformer_bdia_gamma64"}

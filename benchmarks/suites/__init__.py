@@ -34,6 +34,7 @@ SUITES = {
     "documents": "documents",
     "data": "data",
     "gpu_check": "gpu_check",
+    "breakdown": "breakdown",  # which tensors hold the peak of one forward+backward (torch.profiler)
 }
 ENTRY = "python -m benchmarks"
 

@@ -1,6 +1,6 @@
 """Quality against depth: revformer (reversible) and a Llama of equal parameters on the same tokens, at several depths.
 
-Usage: python -m benchmarks depth_quality [--tiny] [--jobs 2] [--out DIR] [run|ablate|bdia|seed|report]
+Usage: python -m benchmarks depth_quality [--tiny] [--jobs 2] [--out DIR] [run|ablate|bdia|seed|llama_scaled|report]
 
 The models have the same width, depth, heads, SwiGLU width, byte vocabulary and tied embeddings; their parameter
 counts are equal (printed per run). `run` sweeps and trains revformer as shipped, Llama, and revformer whose hidden
@@ -15,6 +15,10 @@ weights (float32 streams; 0 would mean bit-exact).
 `ablate`: one controlled run per hypothesis on the deepest mean-merge model, stopped at `ablation_steps` on the
 main runs' schedule (the learning rate, then each of benchmarks.models.ABLATIONS at the best rate). `bdia`: the bdia
 coupling from scratch at Llama's rates. `seed`: Llama's deepest main run again with another seed.
+
+A second baseline, Llama with GPT-2's depth-scaled initialisation (o_proj and down_proj weights at std
+0.02 / sqrt(2 * layers), the rest transformers' default; benchmarks.models.scale_output_init), is swept and trained by
+`run` like the other models at `llama_scaled_depths`; `llama_scaled` runs only it, to add it to recorded results.
 
 Data: the stdlib byte corpus of `revformer.data` (files held out by hash for validation), as in `compare --suite
 quality`; revformer.trainer's learning-rate schedule (5% warm-up, cosine to 10%), AdamW (0.9, 0.95) with weight decay
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import RESULTS
-from ..models import ABLATIONS, LABELS, Spec
+from ..models import ABLATIONS, LABELS, Spec, depth_scaled_std
 from ..report import model_style, pyplot, read_records, save_figure
 from ..runner import Runner
 from . import command
@@ -48,6 +52,7 @@ OUT = RESULTS / "depth_quality"
 # under this name); against it the ablations measured the newest-stream output, revformer's own.
 ABLATION_BASE = "revformer_mean"
 SWEPT = ("revformer", "llama", ABLATION_BASE)  # swept and trained by `run`
+SCALED_LLAMA = "llama_scaled_init"  # swept and trained by `run` (and `llama_scaled` alone) at `llama_scaled_depths`
 
 
 @dataclass
@@ -81,13 +86,16 @@ class Sizes:
     # batch order), which sizes the differences the tables can resolve.
     seed_depths: list[int] = field(default_factory=lambda: [24])
     seed: int = 1
+    # Llama with GPT-2's depth-scaled initialisation: swept over `lrs` and trained like the other `run` models at these
+    # depths (`llama_scaled`: these runs alone).
+    llama_scaled_depths: list[int] = field(default_factory=lambda: [12, 24])
 
 
-# --tiny: every phase at one depth, 7 short runs (the test's run); nothing it measures means anything.
+# --tiny: every phase at one depth, a few steps per run (the test's run); nothing it measures means anything.
 TINY = Sizes(hidden_size=32, num_heads=2, seq_len=64, batch_size=2, depths=[1], lrs=[3e-3, 1e-2], sweep_steps=3,
              steps=4, eval_every=2, curve_blocks=4, sweep_val_blocks=8, val_blocks=16, plain_depth=1,
              ablation_depth=1, ablation_lrs=[1e-3], ablation_steps=2, bdia_depths=[1], bdia_gamma64_depths=[1],
-             seed_depths=[1])
+             seed_depths=[1], llama_scaled_depths=[1])
 
 
 def spec(sizes: Sizes, model: str, layers: int) -> Spec:
@@ -110,6 +118,21 @@ def best_lrs(out: Path) -> dict[tuple[str, int], float]:
         if (model, layers) not in best or r["val_bpb"] < best[(model, layers)]["val_bpb"]:
             best[(model, layers)] = r
     return {k: r["lr"] for k, r in best.items()}
+
+
+def sweep_and_train(runner: Runner, out: Path, sizes: Sizes, workers: int, runs: list[tuple[str, int]]) -> None:
+    """Each (model, depth) of `runs`: the learning-rate sweep over `sizes.lrs`, then the main run at the best rate;
+    with revformer at `plain_depth` among them, its plain path at revformer's rate too. Recorded runs are skipped."""
+    jobs = [(spec(sizes, m, d), lr) for m, d in runs for lr in sizes.lrs]
+    run_phase(runner, out, "sweep", jobs, sizes.sweep_steps, sizes.sweep_val_blocks, sizes, workers)
+    lrs = best_lrs(out)
+    missing = [k for k in runs if k not in lrs]
+    if missing:
+        raise SystemExit(f"the sweep left no result for {missing}; see {out / 'sweep.jsonl'}")
+    jobs = [(spec(sizes, m, d), lrs[(m, d)]) for m, d in runs]
+    if ("revformer", sizes.plain_depth) in runs:
+        jobs.append((spec(sizes, "revformer_plain", sizes.plain_depth), lrs[("revformer", sizes.plain_depth)]))
+    run_phase(runner, out, "main", jobs, sizes.steps, sizes.val_blocks, sizes, workers)
 
 
 def run_phase(runner: Runner, out: Path, phase: str, jobs: list[tuple[Spec, float]], steps: int,
@@ -138,6 +161,16 @@ def pct(a: float, b: float) -> str:
     return f"{100 * (a / b - 1):+.1f}%"
 
 
+def gap(r: dict[str, Any] | None, base: dict[str, Any] | None) -> str:
+    """Run `r`'s final bpb against `base`'s, or "" where either is missing."""
+    return pct(r["val_bpb"], base["val_bpb"]) if r and base else ""
+
+
+def cell(r: dict[str, Any] | None) -> str:
+    """A main run's final bpb and its rate, or "running" where it has no record yet."""
+    return f"{r['val_bpb']:.4f} ({r['lr']:g})" if r else "running"
+
+
 def render(out: Path) -> str:
     sweep, main = done(out, "sweep"), done(out, "main")
     lrs = best_lrs(out)
@@ -148,51 +181,48 @@ def render(out: Path) -> str:
         return "\n".join([*lines, "No runs recorded yet."])
     s, env = any_record["sizes"], any_record
     lines += [
-        f"Byte-level stdlib corpus ({any_record['data']}), d={s['hidden_size']}, {s['num_heads']} heads, blocks of "
-        f"{s['seq_len']} tokens x {s['batch_size']}; AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, 5% warm-up, "
-        f"cosine to 10%. Learning rate per architecture and depth: best of {s['lrs']} after {s['sweep_steps']} steps "
-        f"(validation bpb on {s['sweep_val_blocks']} evenly spaced blocks); then {s['steps']} steps "
-        f"({s['steps'] * s['batch_size'] * s['seq_len'] / 1e6:.2f}M tokens) at that rate. Final bpb: the whole "
-        f"validation split. Equal parameter counts: same width, depth, heads, SwiGLU width and tied embeddings.",
+        (f"Byte-level stdlib corpus ({any_record['data']}), d={s['hidden_size']}, {s['num_heads']} heads, blocks of "
+         f"{s['seq_len']} tokens x {s['batch_size']}; AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, 5% warm-up, "
+         f"cosine to 10%. Learning rate per architecture and depth: best of {s['lrs']} after {s['sweep_steps']} "
+         f"steps (validation bpb on {s['sweep_val_blocks']} evenly spaced blocks); then {s['steps']} steps "
+         f"({s['steps'] * s['batch_size'] * s['seq_len'] / 1e6:.2f}M tokens) at that rate. Final bpb: the whole "
+         f"validation split. Equal parameter counts: same width, depth, heads, SwiGLU width and tied embeddings."),
+        *scaled_note(main),
         "",
-        f"Machine: {env.get('cpu') or env.get('device_name', '?')}, torch {env.get('torch')}, transformers "
-        f"{env.get('transformers')}, one thread per run. Reproduce: `{command(NAME)}`.",
+        (f"Machine: {env.get('cpu') or env.get('device_name', '?')}, torch {env.get('torch')}, transformers "
+         f"{env.get('transformers')}, one thread per run. Reproduce: `{command(NAME)}`."),
         "",
-        "| layers | params | Llama bpb (lr) | revformer bpb (lr) | revformer vs Llama | mean merge (earlier default) "
-        "bpb (lr) | mean merge vs Llama | reconstruction error | run time Llama / revformer |",
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| layers | params | Llama bpb (lr) | revformer bpb (lr) | revformer vs Llama "
+         "| Llama, depth-scaled init bpb (lr) | revformer vs depth-scaled Llama "
+         "| mean merge (earlier default) bpb (lr) | mean merge vs Llama | reconstruction error "
+         "| run time Llama / revformer |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in depths:
         llama = main.get(("llama", d, lrs.get(("llama", d))))
         rev = main.get(("revformer", d, lrs.get(("revformer", d))))
         mean = main.get((ABLATION_BASE, d, lrs.get((ABLATION_BASE, d))))
+        scaled = main.get((SCALED_LLAMA, d, lrs.get((SCALED_LLAMA, d))))
         if not llama and not rev:
             continue
-
-        def cell(r: dict[str, Any] | None) -> str:
-            return f"{r['val_bpb']:.4f} ({r['lr']:g})" if r else "running"
-
-        def gap_of(r: dict[str, Any] | None) -> str:
-            return pct(r["val_bpb"], llama["val_bpb"]) if llama and r else ""
-
-        gap = gap_of(rev)
+        scaled_cell = cell(scaled) if scaled or (SCALED_LLAMA, d) in lrs else ""  # "": not run at this depth
         recon = f"{rev['reconstruction_error']:.2e}" if rev and rev.get("reconstruction_error") is not None else ""
         params = f"{(llama or rev)['params'] / 1e6:.2f}M"
         times = " / ".join(f"{r['train_s'] / 60:.0f} min" if r else "-" for r in (llama, rev))
-        lines.append(f"| {d} | {params} | {cell(llama)} | {cell(rev)} | {gap} | {cell(mean) if mean else ''} | "
-                     f"{gap_of(mean)} | {recon} | {times} |")
+        lines.append(f"| {d} | {params} | {cell(llama)} | {cell(rev)} | {gap(rev, llama)} | {scaled_cell} | "
+                     f"{gap(rev, scaled)} | {cell(mean) if mean else ''} | {gap(mean, llama)} | {recon} | {times} |")
     plain = [r for (m, _, _), r in main.items() if m == "revformer_plain"]
     for r in plain:
         d = r["spec"]["num_layers"]
         rev = main.get(("revformer", d, r["lr"]))
         vs = f" ({r['val_bpb'] - rev['val_bpb']:+.4f} vs the reversible run's {rev['val_bpb']:.4f})" if rev else ""
-        lines += ["", f"Check, revformer with `reversible=False` at {d} layers, lr {r['lr']:g}: "
-                      f"{r['val_bpb']:.4f} bpb{vs}."]
+        lines += ["", (f"Check, revformer with `reversible=False` at {d} layers, lr {r['lr']:g}: "
+                       f"{r['val_bpb']:.4f} bpb{vs}.")]
     lines += ["", "Learning-rate sweep (validation bpb after the short run):", "",
               "| layers | model | " + " | ".join(f"lr {lr:g}" for lr in s["lrs"]) + " |",
               "|---|---|" + "---|" * len(s["lrs"])]
     for d in depths:
-        for m in SWEPT:
+        for m in (*SWEPT, SCALED_LLAMA):
             cells = [f"{sweep[(m, d, lr)]['val_bpb']:.4f}" if (m, d, lr) in sweep else "" for lr in s["lrs"]]
             if any(cells):
                 lines.append(f"| {d} | {m} | " + " | ".join(cells) + " |")
@@ -217,7 +247,7 @@ def render(out: Path) -> str:
             bpb, base = (bpb_at(r, stop) if r else None), (bpb_at(llama, stop) if llama else None)
             return f"| {name} | {change} | {at(r)} | {pct(bpb, base) if bpb and base else ''} |"
 
-        for m in (ABLATION_BASE, "llama", "revformer"):
+        for m in (ABLATION_BASE, "llama", SCALED_LLAMA, "revformer"):
             r = main.get((m, d, lrs.get((m, d))))
             if r:
                 lines.append(row(f"{m} main run", f"lr {r['lr']:g} (swept)", r))
@@ -230,17 +260,18 @@ def render(out: Path) -> str:
         lines += ["", "![ablations](ablations.png)"]
     bdia = done(out, "bdia")
     if bdia:
-        lines += ["", "The bdia coupling from scratch (fixed-point streams; a Llama block stack out of training): "
-                      "main runs at Llama's swept rate, the same schedule and tokens:", "",
-                  "| layers | gamma | Llama bpb | revformer (sublayer) bpb | revformer, bdia bpb | bdia vs Llama | "
-                  "reconstruction error | run time |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", ("The bdia coupling from scratch (fixed-point streams; a Llama block stack out of training): "
+                       "main runs at Llama's swept rate, the same schedule and tokens:"), "",
+                  ("| layers | gamma | Llama bpb | revformer (sublayer) bpb | revformer, bdia bpb | bdia vs Llama | "
+                   "reconstruction error | run time |"), "|---|---|---|---|---|---|---|---|"]
     for (m, d, lr), r in sorted(bdia.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         llama = main.get(("llama", d, lrs.get(("llama", d))))
         rev = main.get(("revformer", d, lrs.get(("revformer", d))))
         recon, gamma = r.get("reconstruction_error"), LABELS[m].rsplit(" ", 1)[-1].rstrip(")")
-        lines.append(f"| {d} | {gamma} | {llama['val_bpb']:.4f} | {rev['val_bpb']:.4f} | {r['val_bpb']:.4f} (lr {lr:g}) "
-                     f"| {pct(r['val_bpb'], llama['val_bpb'])} | {recon if recon is not None else '-'} | "
-                     f"{r['train_s'] / 60:.0f} min |" if llama and rev else f"| {d} | {gamma} | | | {r['val_bpb']:.4f} | | | |")
+        lines.append(f"| {d} | {gamma} | {llama['val_bpb']:.4f} | {rev['val_bpb']:.4f} | {r['val_bpb']:.4f} "
+                     f"(lr {lr:g}) | {pct(r['val_bpb'], llama['val_bpb'])} | {recon if recon is not None else '-'} | "
+                     f"{r['train_s'] / 60:.0f} min |" if llama and rev
+                     else f"| {d} | {gamma} | | | {r['val_bpb']:.4f} | | | |")
     seeds = done(out, "seed")
     for (m, d, lr), r in sorted(seeds.items()):
         first = main.get((m, d, lr))
@@ -248,10 +279,21 @@ def render(out: Path) -> str:
         lines += ["", f"Run-to-run spread: {m} at {d} layers, lr {lr:g}, seed {r['spec']['seed']} (other weights "
                       f"and batch order): {r['val_bpb']:.4f} bpb" + (vs if first else "") + "."]
     walls = [r["worker_wall_s"] for phase in (sweep, main, ablations, bdia, seeds) for r in phase.values()]
-    lines += ["", f"Runs recorded: {len(sweep)} sweep + {len(main)} main + {len(ablations)} ablation + {len(bdia)} "
-                  f"bdia + {len(seeds)} seed, {sum(walls) / 3600:.2f} h of process time in all (the script runs "
-                  "`--jobs` of them at once).", "", "![curves](depth_quality.png)", ""]
+    lines += ["", (f"Runs recorded: {len(sweep)} sweep + {len(main)} main + {len(ablations)} ablation + {len(bdia)} "
+                   f"bdia + {len(seeds)} seed, {sum(walls) / 3600:.2f} h of process time in all (the script runs "
+                   "`--jobs` of them at once)."), "", "![curves](depth_quality.png)", ""]
     return "\n".join(lines)
+
+
+def scaled_note(main: dict[tuple[str, int, float], dict[str, Any]]) -> list[str]:
+    """The report's line on the depth-scaled Llama, where one has a main run (none in older results)."""
+    runs = sorted((r for (m, _, _), r in main.items() if m == SCALED_LLAMA), key=lambda r: r["spec"]["num_layers"])
+    if not runs:
+        return []
+    stds = ", ".join(f"{depth_scaled_std(r['spec']['num_layers']):.4f} at {r['spec']['num_layers']}" for r in runs)
+    return ["", ("Llama, depth-scaled init: Llama whose o_proj and down_proj weights are drawn at std "
+                 f"0.02 / sqrt(2 * layers) ({stds} layers; GPT-2's initialisation), everything else transformers' "
+                 "default (normal, std 0.02); swept over the same rates and trained on the same schedule and tokens.")]
 
 
 def plot(out: Path) -> None:
@@ -358,13 +400,26 @@ def seed_phase(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
     run_phase(runner, out, "seed", jobs, sizes.steps, sizes.val_blocks, sizes, workers)
 
 
-PHASES = {"ablate": ablate, "bdia": bdia_phase, "seed": seed_phase}  # the commands after the main runs
+def scaled_runs(sizes: Sizes) -> list[tuple[str, int]]:
+    """The depth-scaled Llama's (model, depth) pairs."""
+    return [(SCALED_LLAMA, d) for d in sizes.llama_scaled_depths]
+
+
+def llama_scaled_phase(runner: Runner, out: Path, sizes: Sizes, workers: int) -> None:
+    """Only the depth-scaled Llama of `run` (its sweep and main runs at `llama_scaled_depths`): adds it to results
+    that hold the other models."""
+    sweep_and_train(runner, out, sizes, workers, scaled_runs(sizes))
+
+
+# the commands after the main runs
+PHASES = {"ablate": ablate, "bdia": bdia_phase, "seed": seed_phase, "llama_scaled": llama_scaled_phase}
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", nargs="?", default="run", choices=("run", *PHASES, "report"),
                    help="run: the sweep and the main runs; ablate: the ablations of the deepest revformer; bdia: the "
-                        "bdia coupling from scratch; seed: Llama's deepest main run with another seed")
+                        "bdia coupling from scratch; seed: Llama's deepest main run with another seed; llama_scaled: "
+                        "Llama with GPT-2's depth-scaled initialisation alone (its sweep and main runs)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (the test's smoke run)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--out", type=Path, default=OUT)
@@ -383,15 +438,8 @@ def run(args: argparse.Namespace) -> None:
         PHASES[args.command](runner, args.out, sizes, args.jobs)
         print(report(args.out))
         return
-    sweep_jobs = [(spec(sizes, m, d), lr) for d in sizes.depths for m in SWEPT for lr in sizes.lrs]
-    run_phase(runner, args.out, "sweep", sweep_jobs, sizes.sweep_steps, sizes.sweep_val_blocks, sizes, args.jobs)
-    lrs = best_lrs(args.out)
-    missing = [k for k in ((m, d) for d in sizes.depths for m in SWEPT) if k not in lrs]
-    if missing:
-        raise SystemExit(f"the sweep left no result for {missing}; see {args.out / 'sweep.jsonl'}")
-    main_jobs = [(spec(sizes, m, d), lrs[(m, d)]) for d in sizes.depths for m in SWEPT]
-    main_jobs.append((spec(sizes, "revformer_plain", sizes.plain_depth), lrs[("revformer", sizes.plain_depth)]))
-    run_phase(runner, args.out, "main", main_jobs, sizes.steps, sizes.val_blocks, sizes, args.jobs)
+    runs = [(m, d) for d in sizes.depths for m in SWEPT]
+    sweep_and_train(runner, args.out, sizes, args.jobs, [*runs, *scaled_runs(sizes)])
     print(report(args.out))
     print(f"== done in {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr)
     failed = [r for phase in ("sweep", "main") for r in read_records(args.out / f"{phase}.jsonl") if not r.get("ok")]

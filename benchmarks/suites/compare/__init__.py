@@ -5,7 +5,8 @@ Models compared at the same width, depth, heads, vocabulary and sequence length 
 (Hugging Face LlamaForCausalLM, sdpa, without / with activation checkpointing), ``llama_ckpt_chunked`` (with
 checkpointing and a loss over 1024-token chunks recomputed in backward: what TRL or a fused/chunked linear
 cross-entropy gives users) and ``reformer`` (Hugging Face ReformerModelWithLMHead, local attention, causal).
-``--shape NAME`` sets every part's model shape to a Hub model's (``benchmarks.models.SHAPES``: smollm2-135m).
+``--shape NAME`` sets every part's model shape to a Hub model's (``benchmarks.models.SHAPES``: smollm2-135m,
+llama-3.2-1b).
 
 Parts (``--suite``, comma-separated, or ``all``; one module each in this package):
 
@@ -16,9 +17,11 @@ Parts (``--suite``, comma-separated, or ``all``; one module each in this package
 - ``longseq``: revformer's peak memory against length for full / local / lsh attention, with and without chunking;
 - ``quality``: validation bits per byte of revformer (reversible and plain) and a Llama of equal parameter count,
   trained on the same bytes for the same tokens;
-- ``memory``: peak memory of one forward+backward of revformer's memory options and the baselines against length,
-  and the longest sequence at a budget;
-- ``cost``: step time of revformer's default memory options against none and each alone.
+- ``memory``: activation memory of one forward+backward of revformer's memory options and the baselines against
+  length (``memory.depths``: measured at two depths, extrapolated linearly to the shape's), and the longest sequence
+  at a budget;
+- ``cost``: step time of revformer's default memory options against none and each alone (``cost.variants``: any
+  MEMORY_VARIANTS, e.g. revformer against Llama + checkpointing + chunked loss).
 
 Every measurement runs in a fresh process (``python -m benchmarks.worker '<json>'``) so no run's memory leaks into
 the next. Memory on CUDA is ``torch.cuda.max_memory_allocated``; on CPU both MemTracker's peak tensor memory and the
@@ -32,6 +35,10 @@ README.md with tables and targets); ``python -m benchmarks compare report`` re-r
     python -m benchmarks compare --suite memory,cost --set memory.lengths=[4096]
     python -m benchmarks compare --suite memory --shape smollm2-135m --set memory.lengths=[4096] \
         --set 'memory.variants=["revformer","llama_ckpt","llama_ckpt_chunked"]' --set memory.longest=[] --out DIR
+    python -m benchmarks compare --suite memory --shape llama-3.2-1b --models revformer,llama_ckpt_chunked \
+        --set memory.depths=[2,4] --set memory.lengths=[4096] --set memory.longest=[] --out DIR
+    python -m benchmarks compare --suite cost --shape smollm2-135m --set cost.steps=3 \
+        --set 'cost.variants=["revformer","llama_ckpt_chunked"]' --out DIR
 """
 
 from __future__ import annotations
