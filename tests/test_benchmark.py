@@ -413,3 +413,29 @@ def test_cost_suite_times_revformer_against_the_fair_baseline(tmp_path: Path) ->
         assert got == status and figure.startswith(f"{rev:.2f} s vs 10.00 s ({rev / 10:.2f}x")
     md = "\n".join(cost.markdown({"cost": [timed("revformer", 11.0), timed("llama_ckpt_chunked", 10.0)]}))
     assert "| revformer, default config | 11.000 | +10.0% |" in md and "vs Llama + checkpointing + chunked loss" in md
+
+
+def test_longest_sequence_within_a_budget_is_computed_from_the_length_line() -> None:
+    """Activation = fixed + per_token x tokens through the two longest lengths; the longest sequence is where that,
+    with parameters and their gradients, meets the budget (4 GiB); extrapolated parameters follow the depth line."""
+    from benchmarks.suites.compare import memory
+
+    MiB = 2**20
+
+    def rows(variant: str, fixed_mib: int, per_token: int, params_per_layer: int) -> list[dict[str, Any]]:
+        return [memory_record(variant, t, d, 0, activation_peak_bytes=fixed_mib * MiB + per_token * t,
+                              param_bytes=100 * MiB + params_per_layer * d, full_layers=4)
+                for t in (2048, 4096, 16384) for d in (1, 2)]
+
+    records = rows("revformer", 100, 20_000, 10 * MiB) + rows("llama_ckpt_chunked", 300, 100_000, 10 * MiB)
+    computed = memory.longest_table(memory.figures(records), None)
+    params = 140 * MiB  # 100 MiB + 4 layers x 10 MiB, on the depth line
+    for variant, fixed, per_token in (("revformer", 100, 20_000), ("llama_ckpt_chunked", 300, 100_000)):
+        c = computed[variant]
+        assert c["from_lengths"] == [4096, 16384] and c["param_bytes"] == pytest.approx(params)
+        assert c["bytes_per_token"] == pytest.approx(per_token) and c["fixed_bytes"] == pytest.approx(fixed * MiB)
+        assert c["longest"] == int((4 * 2**30 - 2 * params - fixed * MiB) / per_token)
+    status = {name: (figure, s) for name, figure, s in memory.targets({"memory": records}) if "longest" in name}
+    (name,) = [n for n in status if n.startswith("revformer, default config")]
+    assert status[name][1] == "met" and "(5." in status[name][0]  # about 5x the baseline's tokens
+    assert any("computed, not run" in line for line in memory.markdown({"memory": records}))

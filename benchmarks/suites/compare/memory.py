@@ -83,6 +83,7 @@ COMPARED = (("revformer", FAIR), ("revformer_bdia", FAIR), ("revformer", "llama_
 RATIO_TARGETS = {("revformer_bdia", FAIR, 16384): 0.35, ("revformer", FAIR, 16384): 0.25,
                  ("revformer_bdia", FAIR, 4096): 0.5, ("revformer", FAIR, 4096): 0.5}
 LONGEST_TARGETS = {("revformer", FAIR): 3.0, ("revformer_bdia", FAIR): 3.0}  # longest within the budget, at least
+LONGEST_BUDGET_GIB = 4  # the computed longest sequence: parameters, gradients and activations within this
 DEPTH_GROWTH_TARGET = ("revformer", 0.05)  # activation memory from the fewest layers measured to full depth, at most
 BASELINE_NOTES = {"llama_ckpt": " (no chunked loss: full logits)"}
 
@@ -121,6 +122,18 @@ class Figure:
     measured: dict[int, int]
     measures: set[str]  # MEASURES keys of the records (one, unless records of different workers are mixed)
     spec: dict[str, Any]
+    param_bytes: dict[int, int] = dataclasses.field(default_factory=dict)  # layers -> parameter bytes
+
+    @property
+    def full_param_bytes(self) -> float | None:
+        """Parameter bytes at full depth: recorded there, else on the line through the depths recorded (exact:
+        every layer has the same parameters)."""
+        if self.layers in self.param_bytes:
+            return self.param_bytes[self.layers]
+        if len(self.param_bytes) < 2:
+            return None
+        (d1, p1), (d2, p2) = sorted(self.param_bytes.items())[-2:]
+        return p1 + (p2 - p1) / (d2 - d1) * (self.layers - d1)
 
     @property
     def measure(self) -> str:
@@ -188,6 +201,8 @@ def figures(records: list[dict[str, Any]]) -> dict[str, dict[int, Figure]]:
         fig = table.setdefault(variant, {}).setdefault(r["spec"]["seq_len"], Figure(full, {}, set(), r["spec"]))
         fig.measured[layers] = value
         fig.measures.add(measure)
+        if r.get("param_bytes"):
+            fig.param_bytes[layers] = r["param_bytes"]
         fig.layers = max(fig.layers, full)
     return table
 
@@ -230,6 +245,33 @@ def offload_rows(table: dict[str, dict[int, Figure]]) -> list[dict[str, Any]]:
     return rows
 
 
+def longest_computed(rows: dict[int, Figure], budget: int) -> dict[str, Any] | None:
+    """The longest sequence whose forward+backward fits `budget` bytes (parameters, their gradients and the
+    activations), computed, not searched: activation memory is linear in length for every variant here (no kernel
+    holds a tokens x tokens matrix; the loss chunk is a constant), so the line through the two longest lengths
+    measured gives it. None without two lengths or parameter sizes."""
+    if len(rows) < 2:
+        return None
+    (t1, f1), (t2, f2) = sorted(rows.items())[-2:]
+    params = f2.full_param_bytes
+    if params is None:
+        return None
+    per_token = (f2.bytes - f1.bytes) / (t2 - t1)
+    fixed = f1.bytes - per_token * t1
+    free = budget - 2 * params - fixed
+    longest = int(free / per_token) if per_token > 0 and free > 0 else 0
+    return {"longest": longest, "bytes_per_token": per_token, "fixed_bytes": fixed, "param_bytes": params,
+            "from_lengths": [t1, t2], "budget_bytes": budget,
+            "extrapolated": f1.extrapolated or f2.extrapolated, "source": f2.source}
+
+
+def longest_table(table: dict[str, dict[int, Figure]], budget: int | None) -> dict[str, dict[str, Any]]:
+    """{variant: longest_computed} for every variant with two lengths, at `budget` (LONGEST_BUDGET_GIB if None)."""
+    budget = budget or int(LONGEST_BUDGET_GIB * 2**30)
+    found = {v: longest_computed(rows, budget) for v, rows in table.items()}
+    return {v: r for v, r in found.items() if r is not None}
+
+
 def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The JSON summary record of a memory run: every figure (measured or extrapolated, with its slope and
     intercept), the measure behind it, and the computed offload figures."""
@@ -237,7 +279,7 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"mode": "memory_summary", "ok": True, "measures": MEASURES,
             "figures": [{"variant": v, "seq_len": t, **f.summary()} for v, rows in table.items()
                         for t, f in sorted(rows.items())],
-            "offload_computed": offload_rows(table)}
+            "offload_computed": offload_rows(table), "longest_computed": longest_table(table, None)}
 
 
 def selected(args: argparse.Namespace, sizes: dict[str, Any]) -> list[str]:
@@ -331,6 +373,17 @@ def targets(res: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, str]]:
                     f"{BASELINE_NOTES.get(base, '')}" + (f" >= {limit:g}x" if limit else ""))
             ratio = ours_l / max(theirs_l, 1)
             out.append((name, f"{ours_l} vs {theirs_l} tokens ({ratio:.2f}x)", status(ratio >= (limit or 0), limit)))
+    computed = longest_table(table, None)
+    for (variant, base), limit in LONGEST_TARGETS.items():
+        if variant in computed and base in computed:
+            ours_c, theirs_c = computed[variant], computed[base]
+            ratio = ours_c["longest"] / max(theirs_c["longest"], 1)
+            name = (f"{MEMORY_LABELS[variant]}: longest forward+backward within {LONGEST_BUDGET_GIB} GiB (parameters, "
+                    f"gradients, activations; computed from {ours_c['from_lengths']} tokens) vs {MEMORY_LABELS[base]} "
+                    f">= {limit:g}x")
+            extrapolated = " (extrapolated in depth)" if ours_c["extrapolated"] or theirs_c["extrapolated"] else ""
+            out.append((name, f"{ours_c['longest']} vs {theirs_c['longest']} tokens ({ratio:.2f}x){extrapolated}",
+                        status(ratio >= limit, limit)))
     variant, limit = DEPTH_GROWTH_TARGET
     for length, fig in depth_growth(res, variant):
         lo = min(fig.measured)
@@ -414,6 +467,20 @@ def markdown(res: dict[str, list[dict[str, Any]]]) -> list[str]:
                          + (f" ({r['baseline_source']})" if r["baseline_source"] else "")
                          + f" | {r['fp32']['bytes'] / MiB:.0f} | {r['bf16']['bytes'] / MiB:.0f} | "
                            f"{r['fp32']['copy_s'] * 1e3:.1f} | {r['bf16']['copy_s'] * 1e3:.1f} |")
+    computed = longest_table(table, None)
+    if computed:
+        base_c = computed.get(baseline(computed), {}).get("longest")
+        lines += ["", (f"Longest sequence whose forward+backward fits {LONGEST_BUDGET_GIB} GiB with its parameters and "
+                       "their gradients, computed, not run: activation memory is linear in length here (no kernel "
+                       "holds a tokens x tokens matrix), so the line through the two longest lengths measured gives "
+                       "it:"), "",
+                  f"| model | bytes per token | fixed (MiB) | longest | vs {MEMORY_LABELS[baseline(computed)]} |",
+                  "|---|---|---|---|---|"]
+        for variant in (v for v in MEMORY_VARIANTS if v in computed):
+            c = computed[variant]
+            rel = f"{c['longest'] / base_c:.2f}x" if base_c else "-"
+            lines.append(f"| {MEMORY_LABELS[variant]}{' (' + c['source'] + ')' if c['extrapolated'] else ''} | "
+                         f"{c['bytes_per_token']:.0f} | {c['fixed_bytes'] / MiB:.0f} | {c['longest']} | {rel} |")
     if longest:
         budget = next(iter(longest.values())).get("budget_bytes")
         longest_base = baseline(longest)
