@@ -595,13 +595,14 @@ class RevformerModel(RevformerPreTrainedModel):
         aux = self.layer_inputs(inputs_embeds, attention_mask, position_ids, cache)
 
         # Streams stay fp32 (or fixed point) whatever the layers compute in.
-        x1, x2 = self.coupling.inputs(self.streams.encode(inputs_embeds))
-        hidden_states = [self.streams.decode(self.coupling.output(x1, x2))] if output_hidden_states else None
         attentions = [] if output_attentions else None
-        if self.runs_reversibly(cache, output_hidden_states, output_attentions):
+        if self.runs_reversibly(cache, output_hidden_states, output_attentions):  # it encodes the streams itself
             units = self.coupling.units(self.layers)
-            x1, x2 = reversible_stack(x1, x2, units, aux, self.streams, self.uses_randomness())
+            x1, x2 = reversible_stack(*self.coupling.inputs(inputs_embeds), units, aux, self.streams,
+                                      self.uses_randomness(), encode=True)
         else:
+            x1, x2 = self.coupling.inputs(self.streams.encode(inputs_embeds))
+            hidden_states = [self.streams.decode(self.coupling.output(x1, x2))] if output_hidden_states else None
             for layer in self.layers:  # each layer checkpoints itself when enabled (GradientCheckpointingLayer)
                 x1, x2 = layer(x1, x2, *aux, cache=cache, streams=self.streams, attentions=attentions)
                 if output_hidden_states:

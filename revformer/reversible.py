@@ -99,32 +99,36 @@ class StreamArithmetic:
         """A stream as a float activation (where the streams are merged for the LM head)."""
         return stream
 
-    def add(self, stream: Tensor, out: Tensor) -> Tensor:
-        return stream + out.to(stream.dtype)
+    # `inplace`: the result may be written into the stream's own memory (the engine passes it for streams it owns).
+    def add(self, stream: Tensor, out: Tensor, inplace: bool = False) -> Tensor:
+        return stream.add_(out.to(stream.dtype)) if inplace else stream + out.to(stream.dtype)
 
-    def subtract(self, stream: Tensor, out: Tensor) -> Tensor:
-        return stream - out.to(stream.dtype)
+    def subtract(self, stream: Tensor, out: Tensor, inplace: bool = False) -> Tensor:
+        return stream.sub_(out.to(stream.dtype)) if inplace else stream - out.to(stream.dtype)
 
-    def join(self, stream: Tensor, out: Tensor, keep: Tensor | None = None, invertible: bool = True
-             ) -> tuple[Tensor, Any]:
+    def join(self, stream: Tensor, out: Tensor, keep: Tensor | None = None, invertible: bool = True,
+             inplace: bool = False) -> tuple[Tensor, Any]:
         """`y = keep * stream + out` (`keep=None`: `stream + out`), and what `unjoin` needs beyond y, out and keep
-        to rebuild `stream`. `invertible=False`: nothing will be rebuilt (the plain path), so nothing is kept."""
+        to rebuild `stream`. `invertible=False`: nothing will be rebuilt (the plain path), so nothing is kept.
+        `inplace`: y may overwrite `stream` (never on a path that differentiates through the join)."""
         if keep is None:
-            return self.add(stream, out), None
-        return self.scaled_join(stream, out, keep, invertible)
+            return self.add(stream, out, inplace), None
+        return self.scaled_join(stream, out, keep, invertible, inplace)
 
-    def unjoin(self, y: Tensor, out: Tensor, keep: Tensor | None = None, residue: Any = None) -> Tensor:
-        """The `stream` of `y, residue = join(stream, out, keep)`."""
+    def unjoin(self, y: Tensor, out: Tensor, keep: Tensor | None = None, residue: Any = None,
+               inplace: bool = False) -> Tensor:
+        """The `stream` of `y, residue = join(stream, out, keep)`; `inplace`: written over `y`."""
         if keep is None:
-            return self.subtract(y, out)
-        return self.scaled_unjoin(y, out, keep, residue)
+            return self.subtract(y, out, inplace)
+        return self.scaled_unjoin(y, out, keep, residue, inplace)
 
     # With float streams the division in the inverse is merely rounded, and nothing is kept beside the streams.
-    def scaled_join(self, stream: Tensor, out: Tensor, keep: Tensor, invertible: bool) -> tuple[Tensor, Any]:
-        return self.add(keep * stream, out), None
+    def scaled_join(self, stream: Tensor, out: Tensor, keep: Tensor, invertible: bool, inplace: bool = False
+                    ) -> tuple[Tensor, Any]:
+        return self.add(stream.mul_(keep) if inplace else keep * stream, out, inplace=True), None
 
-    def scaled_unjoin(self, y: Tensor, out: Tensor, keep: Tensor, residue: Any) -> Tensor:
-        return self.subtract(y, out) / keep
+    def scaled_unjoin(self, y: Tensor, out: Tensor, keep: Tensor, residue: Any, inplace: bool = False) -> Tensor:
+        return self.subtract(y, out, inplace).div_(keep)
 
     def read(self, stream: Tensor) -> Tensor:
         """The value a sublayer sees when it reads `stream`: a cast at most, since the engine differentiates with
@@ -207,17 +211,19 @@ class FixedPointArithmetic(StreamArithmetic):
 
     # Without grad (the engine) the add is one fused pass, stream + grid_steps * 2^-k in float64; with grad (the plain
     # path) it goes through to_grid for the straight-through gradient. Both are exact, hence bit-identical.
-    def add(self, stream: Tensor, out: Tensor) -> Tensor:
+    def add(self, stream: Tensor, out: Tensor, inplace: bool = False) -> Tensor:
         if self._straight_through(out):
             return Fp32Gradient.apply(stream + self.to_grid(out))
         if self._straight_through(stream):
             return Fp32Gradient.apply(torch.add(stream, self.grid_steps(out), alpha=self.step))
-        return torch.add(stream, self.grid_steps(out), alpha=self.step)  # y = x + round(out * 2^k) * 2^-k
+        # y = x + round(out * 2^k) * 2^-k
+        return by_rows(stream, inplace, lambda p: torch.add(stream[:, p], self.grid_steps(out[:, p]), alpha=self.step))
 
-    def subtract(self, stream: Tensor, out: Tensor) -> Tensor:
+    def subtract(self, stream: Tensor, out: Tensor, inplace: bool = False) -> Tensor:
         if self._straight_through(out):
             return stream - self.to_grid(out)
-        return torch.sub(stream, self.grid_steps(out), alpha=self.step)  # x = y - round(out * 2^k) * 2^-k
+        # x = y - round(out * 2^k) * 2^-k
+        return by_rows(stream, inplace, lambda p: torch.sub(stream[:, p], self.grid_steps(out[:, p]), alpha=self.step))
 
     # A scaled join `y = keep * x + out`, keep = +-2^-m (m = keep_bits) or 0, stays exact by splitting x (n grid
     # steps) into n - r and the residue r = n mod 2^m: keep * (n - r) steps is again a whole number of steps, and r,
@@ -226,16 +232,38 @@ class FixedPointArithmetic(StreamArithmetic):
     def _residue_steps(self, stream: Tensor) -> Tensor:
         return torch.remainder(stream.detach() * self.scale, 2.0**self.keep_bits)
 
-    def scaled_join(self, stream: Tensor, out: Tensor, keep: Tensor, invertible: bool) -> tuple[Tensor, Any]:
+    def scaled_join(self, stream: Tensor, out: Tensor, keep: Tensor, invertible: bool, inplace: bool = False
+                    ) -> tuple[Tensor, Any]:
+        if not (self._straight_through(stream) or self._straight_through(out)):
+            return self._scaled_join_by_rows(stream, out, keep, invertible, inplace)
         residue = self._residue_steps(stream)
         kept = keep.to(stream.dtype) * (stream - residue * self.step)  # exact; gradient keep (straight-through)
         return self.add(kept, out), pack_residue(residue, self.keep_bits) if invertible else None
 
-    def scaled_unjoin(self, y: Tensor, out: Tensor, keep: Tensor, residue: Any) -> Tensor:
+    def _scaled_join_by_rows(self, stream: Tensor, out: Tensor, keep: Tensor, invertible: bool, inplace: bool
+                             ) -> tuple[Tensor, Any]:
+        """The same join without autograd, a block of rows at a time: y = (n - r) * keep * 2^-k + round(out * 2^k)
+        * 2^-k for n = x * 2^k, every step exact, so no whole-stream float64 temporary exists."""
+        residue = torch.empty(stream.shape, dtype=torch.uint8, device=stream.device) if invertible else None
+        factor = keep.to(stream.dtype) * self.step
+
+        def rows(p: slice) -> Tensor:
+            n = stream[:, p] * self.scale
+            r = torch.remainder(n, 2.0**self.keep_bits)
+            if residue is not None:
+                residue[:, p] = r
+            return n.sub_(r).mul_(factor).add_(self.grid_steps(out[:, p]), alpha=self.step)
+
+        y = by_rows(stream, inplace, rows)
+        return y, pack_residue(residue, self.keep_bits) if invertible else None
+
+    def scaled_unjoin(self, y: Tensor, out: Tensor, keep: Tensor, residue: Any, inplace: bool = False) -> Tensor:
         if residue is None:
             raise ValueError("Inverting a scaled fixed-point join needs the residue that join() returned.")
-        # In place on the fresh difference: each step is exact, and no further full-size float64 copy is made.
-        return self.subtract(y, out).div_(keep.to(y.dtype)).add_(unpack_residue(residue), alpha=self.step)
+        r, factor = unpack_residue(residue), keep.to(y.dtype)
+        # A block of rows at a time, each step exact: (y - q) / keep + r * 2^-k.
+        return by_rows(y, inplace, lambda p: torch.sub(y[:, p], self.grid_steps(out[:, p]), alpha=self.step)
+                       .div_(factor).add_(r[:, p], alpha=self.step))
 
     def read(self, stream: Tensor) -> Tensor:
         return stream.float()
@@ -256,6 +284,21 @@ class FixedPointArithmetic(StreamArithmetic):
                 f"reversible coupling is no longer exact. Use fewer stream_fraction_bits (each bit fewer doubles the "
                 f"limit), e.g. stream_fraction_bits={max(1, 52 - math.ceil(math.log2(value)))}."
             )
+
+
+ROW_BLOCK_ELEMENTS = 2**20  # what `by_rows` computes at a time: 8 MiB of float64
+
+
+def by_rows(y: Tensor, inplace: bool, compute: Any) -> Tensor:
+    """A tensor shaped like `y` (y itself when `inplace`) filled with `compute(p)` for blocks `p` of dim 1, so that
+    the temporaries behind it exist for one block. `compute` may read y's block: it runs before the block is written."""
+    if y.dim() < 2:
+        return y.copy_(compute(slice(None))) if inplace else compute(slice(None))
+    result = y if inplace else torch.empty_like(y)
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, y[:, :1].numel()))
+    for p in _pieces(y.shape[1], rows):
+        result[:, p] = compute(p)
+    return result
 
 
 def _extremes(stream: Tensor) -> Tensor:
@@ -511,6 +554,7 @@ def _rerun(
     grad_out: Tensor,
     aux: Sequence[Tensor | None],
     sharded: bool,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None]:
     """Re-run one sublayer S on the stream `inp` with grad, once; return the stream S updated, rebuilt from
     `out_stream` (`out_stream - S(inp)`, or `(out_stream - S(inp)) / keep` for a scaled join), (dS/dinp)^T grad_out,
@@ -527,8 +571,8 @@ def _rerun(
         s_in = arithmetic.read(inp).detach().requires_grad_()
         s_out, keep = split_output(sublayer(s_in, *aux))
     s_in_grad, grads = _backprop(s_out, s_in, params, hint.to(s_out.dtype), sharded)
-    with torch.no_grad():
-        rebuilt = arithmetic.unjoin(out_stream, s_out, keep, replay.residue)
+    with torch.no_grad():  # `inplace`: over out_stream, which the engine owns and needs no longer
+        rebuilt = arithmetic.unjoin(out_stream, s_out, keep, replay.residue, inplace=inplace)
     return rebuilt, s_in_grad.to(grad_out.dtype), _grads_or_zeros(grads, params), keep
 
 
@@ -552,13 +596,18 @@ def forward_blocks(
     # per forward, not one per sublayer. An inexact add can only yield a value >= limit, so checking results suffices.
     check = math.isfinite(arithmetic.limit)
     extremes = [_extremes(x1), _extremes(x2)] if check else []
+    owned = False  # whether the streams are this loop's own, to overwrite (not the caller's inputs)
     with torch.no_grad():
         for block in blocks:
             f_ctx = ForwardContext(x1.device, capture_rng)
             # y1 = x1 + F(x2), then y2 = x2 + G(y1)
-            x1, f_ctx.residue = arithmetic.join(x1, *split_output(block.f(arithmetic.read(x2), *aux)))
+            out = split_output(block.f(arithmetic.read(x2), *aux))
+            x1, f_ctx.residue = arithmetic.join(x1, *out, inplace=owned)
             g_ctx = ForwardContext(x1.device, capture_rng)
-            x2, g_ctx.residue = arithmetic.join(x2, *split_output(block.g(arithmetic.read(x1), *aux)))
+            out = split_output(block.g(arithmetic.read(x1), *aux))
+            x2, g_ctx.residue = arithmetic.join(x2, *out, inplace=owned)
+            del out
+            owned = True
             contexts.append((f_ctx, g_ctx))
             if check:
                 extremes += [_extremes(x1), _extremes(x2)]
@@ -601,10 +650,11 @@ def reconstruct_inputs(
 class ReversibleStack(torch.autograd.Function):
     """`(x1, x2) -> (y1, y2)` through `blocks`, each with `.f` (attention) and `.g` (feed-forward) sublayers.
 
-    Call as `ReversibleStack.apply(x1, x2, blocks, arithmetic, capture_rng, num_aux, *aux, *params)`: `aux` are extra
-    tensors every F and G receives (rotary cos/sin, padding mask; no gradient flows to them), `params` are all trainable
-    parameters of `blocks` in `reversible_params(blocks)` order. Streams go in in the arithmetic's representation
-    (float64 on the grid for fixed point) and come out decoded (fp32), so the gradients that reach backward and those
+    Call as `ReversibleStack.apply(x1, x2, blocks, arithmetic, capture_rng, encode, num_aux, *aux, *params)`: `aux` are
+    extra tensors every F and G receives (rotary cos/sin, padding mask; no gradient flows to them), `params` are all
+    trainable parameters of `blocks` in `reversible_params(blocks)` order. Streams go in in the arithmetic's
+    representation (float64 on the grid for fixed point), or as float activations that the Function encodes itself
+    (`encode`: then the caller never holds encoded copies), and come out decoded (fp32), so the gradients that reach backward and those
     it carries are fp32; the exact top streams stay inside, and backward frees each pair once it has rebuilt the
     pair below.
     """
@@ -617,11 +667,15 @@ class ReversibleStack(torch.autograd.Function):
         blocks: Sequence[nn.Module],
         arithmetic: StreamArithmetic,
         capture_rng: bool,
+        encode: bool,
         num_aux: int,
         *aux_and_params: Tensor,
     ) -> tuple[Tensor, Tensor]:
         aux = aux_and_params[:num_aux]
-        y1, y2, contexts = forward_blocks(x1, x2, blocks, aux, arithmetic, capture_rng)
+        e1 = arithmetic.encode(x1) if encode else x1
+        e2 = e1 if x2 is x1 else arithmetic.encode(x2) if encode else x2
+        y1, y2, contexts = forward_blocks(e1, e2, blocks, aux, arithmetic, capture_rng)
+        del e1, e2
         ctx.blocks, ctx.arithmetic, ctx.contexts = blocks, arithmetic, contexts
         ctx.num_aux = num_aux
         ctx.sharded = is_sharded(blocks)  # then no parameters were handed in: FSDP reduces their gradients
@@ -636,6 +690,7 @@ class ReversibleStack(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         out1, out2 = arithmetic.decode(y1), arithmetic.decode(y2)
         ctx.grad_dtype = out2.dtype
+        ctx.owned = out1 is not y1 and out2 is not y2  # decoded copies: the top streams are the engine's alone
         return out1, out2
 
     @staticmethod
@@ -653,15 +708,17 @@ class ReversibleStack(torch.autograd.Function):
         dy1 = dy1.to(dtype) if dy1 is not None else None
         dy2 = dy2.to(dtype) if dy2 is not None else torch.zeros_like(y2, dtype=dtype)
         param_grads: list[list[Tensor]] = []
+        owned = ctx.owned  # rebuild each stream over the one above it, unless that one is an output's memory
         for block, (f_ctx, g_ctx) in zip(reversed(ctx.blocks), reversed(ctx.contexts)):
             # G: x2 = y2 - G(y1);  dL/dy1 += (dG/dy1)^T dL/dy2
-            x2, dy1_from_g, g_grads, keep_g = _rerun(block.g, g_ctx, arithmetic, y1, y2, dy2, aux, ctx.sharded)
+            x2, dy1_from_g, g_grads, keep_g = _rerun(block.g, g_ctx, arithmetic, y1, y2, dy2, aux, ctx.sharded, owned)
             del y2
             dy1 = dy1_from_g if dy1 is None else dy1 + dy1_from_g
             del dy1_from_g
             # F: x1 = y1 - F(x2);  dL/dx2 = dL/dy2 + (dF/dx2)^T dL/dy1
-            x1, dx2_from_f, f_grads, keep_f = _rerun(block.f, f_ctx, arithmetic, x2, y1, dy1, aux, ctx.sharded)
+            x1, dx2_from_f, f_grads, keep_f = _rerun(block.f, f_ctx, arithmetic, x2, y1, dy1, aux, ctx.sharded, owned)
             del y1
+            owned = True
             param_grads.append(f_grads + g_grads)
             # y1 = x1 + F(x2) passes dL/dy1 through to x1 (times keep for a scaled join y1 = keep * x1 + F(x2))
             dx1 = dy1 if keep_f is None else dy1 * keep_f.to(dtype)
@@ -673,7 +730,7 @@ class ReversibleStack(torch.autograd.Function):
             del x1, x2, dx1, dx2, dx2_from_f
 
         flat_param_grads = [g for block_grads in reversed(param_grads) for g in block_grads]
-        no_grads = (None,) * (4 + ctx.num_aux)  # blocks, arithmetic, capture_rng, num_aux, *aux
+        no_grads = (None,) * (5 + ctx.num_aux)  # blocks, arithmetic, capture_rng, encode, num_aux, *aux
         del y1, y2  # autograd casts the fp32 gradients to the inputs' dtype
         return (dy1 if dy1 is not None else torch.zeros_like(dy2), dy2, *no_grads, *flat_param_grads)
 
@@ -704,13 +761,15 @@ def reversible_stack(
     aux: Sequence[Tensor | None] = (),
     arithmetic: StreamArithmetic | None = None,
     capture_rng: bool = True,
+    encode: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Run `blocks` reversibly: activation memory independent of `len(blocks)`.
 
     `capture_rng=False` skips the RNG snapshots when no sublayer draws random numbers (no dropout, no LSH).
+    `encode`: x1, x2 are float activations, encoded into streams inside (`arithmetic.encode`).
     """
     # FSDP2 swaps gathered parameters in and out of the sublayers around each call, so sharded blocks keep theirs.
     params = [] if is_sharded(blocks) else reversible_params(blocks)
     return ReversibleStack.apply(
-        x1, x2, tuple(blocks), arithmetic or StreamArithmetic(), capture_rng, len(aux), *aux, *params
+        x1, x2, tuple(blocks), arithmetic or StreamArithmetic(), capture_rng, encode, len(aux), *aux, *params
     )
