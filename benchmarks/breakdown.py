@@ -32,7 +32,7 @@ _FEED_FORWARD = r"module:(RevformerFeedForward|LlamaMLP)$|reversible\.py:(_chunk
 _LOSS = r"revformer/loss\.py:|benchmarks/models\.py:chunked_causal_lm_loss$|transformers/loss/"
 _MASK = r"transformers/masking_utils\.py:|revformer/attention\.py:(attention_inputs|\w*allowed)$"
 _STREAM_ARITHMETIC = (r"^revformer/reversible\.py:(add|subtract|join|unjoin|scaled_join|scaled_unjoin|encode|decode|"
-                      r"read|to_grid|grid_steps|_residue_steps|forward_blocks)$")
+                      r"read|to_grid|grid_steps|_residue_steps|_scaled_join_by_rows|rows|by_rows|forward_blocks)$")
 
 # (category, innermost-frame pattern or None, patterns that must each match some entry of the allocation's context).
 # Context entries, innermost first: "path/file.py:function" frames, "module:Class" nn.Modules, "op:name" ops; the

@@ -90,9 +90,11 @@ def render_markdown(out: Path, res: dict[str, list[dict[str, Any]]]) -> str:
              (f"Device `{env.get('gpu') or env.get('cpu', '?')}` ({env.get('cpu_count')} cores, torch threads "
               f"{env.get('threads')}), torch {env.get('torch')}, transformers {env.get('transformers')}. "
               "One training step = forward, backward, fused AdamW step, batch 1, fp32 unless stated. Every memory "
-              "figure comes from a fresh process. Peak = MemTracker peak tensor memory on CPU (peak RSS for HF "
-              "Reformer, where MemTracker does not work: approximate), `max_memory_allocated` on CUDA; activation = "
-              "peak - (parameters + gradients + optimizer state). Step times: median after one warm-up step; the "
+              "figure comes from a fresh process. On CPU a forward+backward (the memory suite) is measured from "
+              "torch.profiler's allocation events (its activation peak leaves out parameters and gradients) and a "
+              "training step by MemTracker's peak tensor memory (peak RSS for HF Reformer, where MemTracker does not "
+              "work: approximate); `max_memory_allocated` on CUDA; activation = peak - (parameters + gradients + "
+              "optimizer state) where no profiler figure exists. Step times: median after one warm-up step; the "
               "models of one table are timed round-robin in one process, so compare ratios within a table. "
               f"Raw data: `*.jsonl`; re-render with `{command(NAME, 'report')}`."), ""]
     runs = [r for rs in res.values() for r in rs if r.get("mode") == "suite"]
