@@ -473,7 +473,8 @@ def test_gpu_check_dry_run_end_to_end(tmp_path):
     for suite, workers in (("core", 1), ("depth", 2), ("memory", 1)):  # every suite ran its workers, none failed
         records = [json.loads(line) for line in (tmp_path / "bench" / f"{suite}.jsonl").read_text().splitlines()]
         assert records[-1]["mode"] == "suite" and all(r.get("ok") for r in records), records
-        assert len(records) - 1 == workers * (4 if suite == "core" else 1)  # core: one record per timed model
+        measured = [r for r in records if r["mode"] not in ("suite", "memory_summary")]  # memory: + its summary
+        assert len(measured) == workers * (4 if suite == "core" else 1)  # core: one record per timed model
     assert (tmp_path / "bench" / "longseq.jsonl").exists()
     assert "# GPU check: CPU" in (tmp_path / "SUMMARY.md").read_text()
     assert (tmp_path / "bench" / "README.md").exists() and (tmp_path / "gpu_check.log").stat().st_size > 0
