@@ -431,7 +431,7 @@ class ChunkedFunction(torch.autograd.Function):
     whole-sequence activations:
     - fused: when `fuse` and the output's gradient was announced (`upstream_gradient`, as the reversible engine does
       for every re-run), each chunk's output and its gradients are computed together in forward and backward returns
-      them: no extra compute, and `x` is not kept.
+      them: no extra compute (`x` is kept all the same, for a gradient that arrives cast).
     - recompute: otherwise (the plain path, a function whose output is not the sublayer's, or when the gradient that
       arrives is not the announced one), backward re-runs each chunk under the forward's RNG and autocast state and
       back-propagates it: one extra forward of `fn`.
