@@ -291,9 +291,8 @@ ROW_BLOCK_ELEMENTS = 2**20  # what `by_rows` computes at a time: 8 MiB of float6
 
 def by_rows(y: Tensor, inplace: bool, compute: Any) -> Tensor:
     """A tensor shaped like `y` (y itself when `inplace`) filled with `compute(p)` for blocks `p` of dim 1, so that
-    the temporaries behind it exist for one block. `compute` may read y's block: it runs before the block is written."""
-    if y.dim() < 2:
-        return y.copy_(compute(slice(None))) if inplace else compute(slice(None))
+    the temporaries behind it exist for one block. `compute` may read y's block: it runs before the block is written.
+    Streams are (batch, tokens, ...): blocks of tokens."""
     result = y if inplace else torch.empty_like(y)
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, y[:, :1].numel()))
     for p in _pieces(y.shape[1], rows):
