@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_revformer import RevformerConfig
 from .modeling_revformer import RevformerForCausalLM, RevformerModel, RevformerPreTrainedModel
 from .conversion import ConversionError, convert_model, convert_to_revformer
+from .export import ExportError, export_model
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ RevformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "ConversionError",
+    "ExportError",
     "RevformerConfig",
     "RevformerForCausalLM",
     "RevformerModel",
@@ -27,4 +29,5 @@ __all__ = [
     "__version__",
     "convert_model",
     "convert_to_revformer",
+    "export_model",
 ]

@@ -64,6 +64,9 @@ class TrainConfig:
     save_pretrained_with_checkpoints: bool = False
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
     reconstruction_check_every: int = 0  # log how exactly backward rebuilds layer inputs every N steps (0 = off)
+    # Also write output_dir/export: the final model as the Llama/Mistral/Qwen2/Qwen3 folder it computes (a `bdia`
+    # model with full attention; checked at start). With push_to_hub it goes to `{hub_model_id}-{model_type}`.
+    export_source: bool = False
     # Hub
     push_to_hub: bool = False
     hub_model_id: str | None = None

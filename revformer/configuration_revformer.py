@@ -59,6 +59,8 @@ class RevformerConfig(PreTrainedConfig):
         qkv_bias (`bool`): biases on the query, key and value projections only (Qwen2).
         mlp_bias (`bool`): biases on the feed-forward's gate, up and down projections (Llama's option).
         qk_norm (`bool`): RMSNorm over each head's queries and keys before rotary embedding (Qwen3).
+        source_config (`dict`, *optional*): the config of the model `convert.py` converted (its non-default values,
+            `model_type` and name), so that `export.py` writes that architecture back with the source's own values.
 
     Example:
     ```python
@@ -111,6 +113,7 @@ class RevformerConfig(PreTrainedConfig):
     qkv_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    source_config: dict | None = None
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

@@ -138,8 +138,20 @@ def revformer_config_from(
         # bdia's inverse divides by gamma: exact only on fixed-point streams.
         stream_dtype="fixed_point" if coupling == "bdia" else "float32",
         bdia_gamma=BDIA_GAMMA,
+        source_config=source_record(sc),
     )
     return RevformerConfig(**{**fields, **overrides})
+
+
+def source_record(source_config: Any) -> dict[str, Any]:
+    """What `export.py` needs to write the source architecture back: its non-default config values, its
+    `model_type` and the name it was loaded from."""
+    record = source_config.to_diff_dict()
+    record.pop("transformers_version", None)
+    record["model_type"] = source_config.model_type
+    if getattr(source_config, "_name_or_path", ""):
+        record["_name_or_path"] = source_config._name_or_path
+    return record
 
 
 def weight_map(source_names: list[str], tied: bool) -> dict[str, str]:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from .config import ConfigError, RunConfig, save_run_config
+from .configuration_revformer import RevformerConfig
 from .data import (
     DataError,
     bits_per_byte,
@@ -48,12 +49,14 @@ from .data import (
     document_position_ids,
     prepare_datasets,
 )
+from .export import ExportError, check_exportable, export_family, export_model
 from .loss import Teacher
 from .modeling_revformer import RevformerForCausalLM
 from .tokenizer import get_tokenizer, load_tokenizer
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "model"
+EXPORT_DIR = "export"  # train.export_source: the final model as its standard architecture
 STATE_FILE = "trainer_state.json"
 
 
@@ -519,6 +522,28 @@ def model_card(run: RunConfig, model: torch.nn.Module, metrics: dict[str, float]
 HUB_RETRY_DELAYS = (10.0, 60.0, 300.0)  # seconds before each retry of a failed upload
 
 
+def planned_config(run: RunConfig) -> RevformerConfig:
+    """The model's config as far as it is known before the tokenizer (all but the vocabulary when from scratch)."""
+    if run.train.init_from:
+        return AutoConfig.from_pretrained(run.train.init_from, **run.model)
+    return RevformerConfig(**run.model)
+
+
+def export_repo_id(run: RunConfig) -> str:
+    """Where `push_to_hub` uploads the export: `hub_model_id` suffixed with the architecture, e.g. `me/tiny-llama`."""
+    return f"{run.train.hub_model_id}-{export_family(planned_config(run))}"
+
+
+def check_export(run: RunConfig) -> None:
+    """With `export_source`, fail before training when the model has no standard architecture to export as."""
+    if not run.train.export_source:
+        return
+    try:
+        check_exportable(planned_config(run))
+    except ExportError as err:
+        raise ConfigError(f"train.export_source is true, but {err} Or set train.export_source false.") from None
+
+
 def check_hub_access(run: RunConfig) -> None:
     """With `push_to_hub`, fail before training (not after hours) when not logged in or the repo is not writable."""
     if not run.train.push_to_hub:
@@ -533,38 +558,41 @@ def check_hub_access(run: RunConfig) -> None:
             f"train.push_to_hub is true but the Hub login check failed ({type(err).__name__}: {err}); run "
             "`huggingface-cli login` (or set HF_TOKEN), or set train.push_to_hub false."
         ) from None
+    repo_id = run.train.hub_model_id
     try:
-        api.create_repo(run.train.hub_model_id, private=run.train.hub_private, exist_ok=True)
+        for repo_id in (run.train.hub_model_id, *([export_repo_id(run)] if run.train.export_source else [])):
+            api.create_repo(repo_id, private=run.train.hub_private, exist_ok=True)
     except Exception as err:
         raise ConfigError(
-            f"Cannot create or write to the Hub repository {run.train.hub_model_id!r} as {user.get('name')!r} "
+            f"Cannot create or write to the Hub repository {repo_id!r} as {user.get('name')!r} "
             f"({type(err).__name__}: {err}); check train.hub_model_id and that the token has write access."
         ) from None
 
 
-def push_folder(folder: Path, run: RunConfig, message: str) -> None:
-    """Upload a saved model folder to `train.hub_model_id` (created if needed)."""
+def push_folder(folder: Path, run: RunConfig, message: str, repo_id: str | None = None) -> None:
+    """Upload a saved model folder to `repo_id` (default `train.hub_model_id`; created if needed)."""
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(run.train.hub_model_id, private=run.train.hub_private, exist_ok=True)
-    api.upload_folder(repo_id=run.train.hub_model_id, folder_path=str(folder), commit_message=message)
+    repo_id = repo_id or run.train.hub_model_id
+    api.create_repo(repo_id, private=run.train.hub_private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
 
 
-def push_with_retries(folder: Path, run: RunConfig, message: str) -> Exception | None:
+def push_with_retries(folder: Path, run: RunConfig, message: str, repo_id: str | None = None) -> Exception | None:
     """`push_folder`, retried after each of HUB_RETRY_DELAYS; returns the last error, or None once it succeeded."""
     error = None
+    repo_id = repo_id or run.train.hub_model_id
     for delay in (0.0, *HUB_RETRY_DELAYS):
         time.sleep(delay)
         if not folder.exists():  # a newer checkpoint replaced it; that one is (being) pushed instead
             return None
         try:
-            push_folder(folder, run, message)
+            push_folder(folder, run, message, repo_id)
             return None
         except Exception as err:  # network and server errors come in many types; none may end the run
             error = err
-            print(f"warning: push of {folder} to {run.train.hub_model_id} failed ({type(err).__name__}: {err})",
-                  file=sys.stderr)
+            print(f"warning: push of {folder} to {repo_id} failed ({type(err).__name__}: {err})", file=sys.stderr)
     return error
 
 
@@ -681,6 +709,7 @@ def setup(run: RunConfig) -> Session:
         except Exception as err:
             raise ConfigError(f"train.init_from={run.train.init_from}: cannot use its config with the model "
                               f"section {run.model}: {err}") from err
+    check_export(run)
     check_hub_access(run)
     log_with = configure_tracking(run)
     accelerator = make_accelerator(run, log_with)
@@ -926,18 +955,26 @@ def finish(s: Session) -> Path:
         save_model_folder(accelerator, s.model, s.tokenizer, run, final, s.metrics)
         if accelerator.is_main_process:
             (final / "eval_results.json").write_text(json.dumps({"step": s.step, **s.metrics}, indent=2))
+            if run.train.export_source:  # from the saved folder: whole weights under FSDP too, and its card
+                exported = export_model(final, s.output_dir / EXPORT_DIR)
+                family = export_family(accelerator.unwrap_model(s.model).config)
+                accelerator.print(f"Exported the final model as a {family} model to {exported}.")
     # Every rank reaches the teardown together: a gloo rank that destroyed the process group while its peer was
     # still writing the folder was seen to abort (SIGABRT) after a complete run.
     accelerator.wait_for_everyone()
     end_training(accelerator)
     if s.step >= run.train.max_steps and accelerator.is_main_process and run.train.push_to_hub:
         # After the teardown: an upload needs no process group, and no other rank waits on it.
-        error = push_with_retries(final, run, f"revformer: {s.step} steps, bpb {s.metrics['eval/bpb']:.4f}")
-        if error is not None:
-            print(f"warning: the final push to {run.train.hub_model_id} failed ({type(error).__name__}: "
-                  f"{error}). The model folder {final} is complete; push it later with\n"
-                  f"  huggingface-cli upload {run.train.hub_model_id} {final} . --repo-type model",
-                  file=sys.stderr)
+        message = f"revformer: {s.step} steps, bpb {s.metrics['eval/bpb']:.4f}"
+        folders = [(final, run.train.hub_model_id)]
+        if run.train.export_source:
+            folders.append((s.output_dir / EXPORT_DIR, export_repo_id(run)))
+        for folder, repo_id in folders:
+            error = push_with_retries(folder, run, message, repo_id)
+            if error is not None:
+                print(f"warning: the final push to {repo_id} failed ({type(error).__name__}: {error}). The "
+                      f"model folder {folder} is complete; push it later with\n"
+                      f"  huggingface-cli upload {repo_id} {folder} . --repo-type model", file=sys.stderr)
     return final
 
 
