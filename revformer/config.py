@@ -41,6 +41,9 @@ class TrainConfig:
     # config trains identically on 1 or N processes.
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    # Sequence parallelism: each sequence split over this many processes (an all-to-all around attention; see
+    # docs/training.md). processes = data-parallel size x sequence_parallel_size; batch_size splits over the former.
+    sequence_parallel_size: int = 1
     max_steps: int = 1000  # optimizer steps; the learning-rate schedule spans them
     stop_after_steps: int | None = None  # end this session early (time-limited jobs); resume later
     # Optimizer and schedule
@@ -73,8 +76,8 @@ class TrainConfig:
     hub_private: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "keep_checkpoints",
-                    "eval_every", "checkpoint_every", "eval_batches", "stop_after_steps")
+        positive = ("batch_size", "gradient_accumulation_steps", "sequence_parallel_size", "max_steps", "log_every",
+                    "keep_checkpoints", "eval_every", "checkpoint_every", "eval_batches", "stop_after_steps")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
@@ -132,6 +135,27 @@ class RunConfig:
                 check_block_size(self.data.block_size, config.max_position_embeddings)
             except DataError as err:
                 raise ConfigError(f"data.block_size vs model.max_position_embeddings: {err}") from None
+        sp = self.train.sequence_parallel_size
+        if sp > 1:
+            self._check_sequence_parallel(sp, None if self.train.init_from else config)
+
+    def _check_sequence_parallel(self, sp: int, config: RevformerConfig | None) -> None:
+        """What sequence parallelism over `sp` processes needs: equal slices of every block, heads that split
+        between the processes (checked on load for a fine-tuned model), and no teacher (not supported)."""
+        from .sequence_parallel import check_heads
+
+        if self.data.block_size % sp:
+            raise ConfigError(f"data.block_size={self.data.block_size} is not divisible by "
+                              f"train.sequence_parallel_size={sp}: each process of a sequence-parallel group holds "
+                              f"block_size / {sp} tokens; use a multiple of {sp}.")
+        if self.train.distill_from:
+            raise ConfigError("train.distill_from is not supported with train.sequence_parallel_size > 1; distill "
+                              "with sequence_parallel_size 1.")
+        if config is not None:
+            try:
+                check_heads(config.num_attention_heads, config.num_key_value_heads, sp)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 def _model_fields() -> dict[str, Any]:

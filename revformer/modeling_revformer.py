@@ -14,6 +14,7 @@ streams. Either way the newest stream is the hidden state, normalized and projec
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -138,7 +139,13 @@ class RevformerAttention(nn.Module):
     that point the same way. They hash with fresh random rotations on every training forward (replayed by the
     reversible backward through the RNG state) and with fixed rotations from `config.lsh_seed` and the layer index in
     eval mode, so inference is deterministic, survives save/load and decodes with a cache exactly.
+
+    Under sequence parallelism (`sequence_parallel`, set by `revformer.sequence_parallel`) `x` is this rank's slice
+    of the sequence: an all-to-all before the kernel gives it the whole sequence for its share of the heads, one after
+    gives back its slice with every head.
     """
+
+    sequence_parallel = None  # a `SequenceParallel` while one sequence spans several ranks
 
     def __init__(self, config: RevformerConfig, layer_idx: int) -> None:
         super().__init__()
@@ -148,9 +155,9 @@ class RevformerAttention(nn.Module):
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         # lsh shares the query projection for keys, so its keys have as many heads as its queries.
         self.num_kv_heads = self.num_heads if self.kind == "lsh" else config.num_key_value_heads
-        # What transformers' attention functions read from the module (they repeat key/value heads by it).
+        # What transformers' attention functions read from the module (they repeat key/value heads by
+        # `num_key_value_groups`).
         self.is_causal = True
-        self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.scaling = self.head_dim**-0.5
         d, q_width, kv_width = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         in_bias = config.attention_bias or config.qkv_bias
@@ -169,6 +176,13 @@ class RevformerAttention(nn.Module):
 
         # The heads of `project`'s output: queries, keys (none for lsh: they are the queries), values.
         self.head_split = [self.num_heads, *([] if self.k_proj is None else [self.num_kv_heads]), self.num_kv_heads]
+
+    @property
+    def num_key_value_groups(self) -> int:
+        """Query heads per key/value head. Under sequence parallelism key/value heads that do not divide between the
+        P ranks are replicated until they do, each then serving fewer query heads."""
+        ranks = 1 if self.sequence_parallel is None else self.sequence_parallel.size
+        return self.num_heads // math.lcm(self.num_kv_heads, ranks)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """The position-wise part: x (B, t, d) -> queries, keys and values side by side (B, t, heads, D), queries and
@@ -209,7 +223,10 @@ class RevformerAttention(nn.Module):
         modules = (self.norm, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)  # what project runs
         params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
         qkv = chunked(self.project, x, self.chunk_size, params, aligned=(cos, sin), fuse=False)
-        q, *kv = qkv.transpose(1, 2).split(self.head_split, dim=1)  # views (B, H, T, D) of (B, T, H, D)
+        split, sp = self.head_split, self.sequence_parallel
+        if sp is not None:  # (B, t, H, D), my tokens -> (B, T, H / P, D), my heads
+            qkv, split = sp.scatter_heads(qkv, split)
+        q, *kv = qkv.transpose(1, 2).split(split, dim=1)  # views (B, H, T, D) of (B, T, H, D)
         k, v = (q, *kv) if self.k_proj is None else kv  # v: (B, H_kv, T, D), grouped heads kept as they are
         if cache is not None:  # (B, H, T_past + T, D)
             past = int(cache.get_seq_length(self.layer_idx))  # a static cache's count is a tensor updated in place
@@ -232,6 +249,8 @@ class RevformerAttention(nn.Module):
                 attentions.append(weights)
         else:
             out = linear_attention(self.kind, q, k, v, **call).transpose(1, 2)
+        if sp is not None:  # (B, T, H / P, D) -> (B, t, H, D)
+            out = sp.gather_heads(out)
         return self.dropout(self.o_proj(out.reshape(batch, seq, -1)))
 
 
@@ -473,6 +492,8 @@ class RevformerModel(RevformerPreTrainedModel):
     config names, for variants that no config field describes.
     """
 
+    sequence_parallel = None  # a `SequenceParallel`: the inputs are this rank's slice of each sequence
+
     def __init__(
         self, config: RevformerConfig, *, coupling: SublayerCoupling | None = None,
         streams: StreamArithmetic | None = None,
@@ -557,10 +578,18 @@ class RevformerModel(RevformerPreTrainedModel):
         (B, T_past + T) bool or None, and the packed-document ids (B, T) or None (`attention.attention_inputs`)."""
         batch, seq = embeds.shape[:2]
         past = int(cache.get_seq_length()) if cache is not None else 0  # a copy: static caches count in place
+        sp = self.sequence_parallel
+        if sp is not None:  # attention sees the whole sequence: its padding, positions and documents
+            if cache is not None:
+                raise ValueError("Sequence parallelism runs training forwards only, without a KV cache; generate "
+                                 "on one device (revformer.sequence_parallel.sequence_parallel_off).")
+            attention_mask, position_ids, seq = sp.gather(attention_mask), sp.gather(position_ids), seq * sp.size
         key_padding_mask, position_ids, document_ids = attention_inputs(
             attention_mask, position_ids, batch, seq, past, cache is not None, embeds.device
         )
         self._warn_past_trained_length(past + seq, position_ids)
+        if sp is not None:  # the rotary tables of this rank's tokens
+            position_ids = sp.local(position_ids)
         cos, sin = self.rotary_emb(embeds, position_ids)
         return cos, sin, key_padding_mask, document_ids
 
@@ -641,6 +670,7 @@ def check_inputs(input_ids: Tensor | None, inputs_embeds: Tensor | None, vocab_s
 
 class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    sequence_parallel = None  # a `SequenceParallel`: labels are this rank's slice, the loss its share of the mean
 
     def __init__(
         self, config: RevformerConfig, *, coupling: SublayerCoupling | None = None,
@@ -677,6 +707,10 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
         in chunks of that many positions and `logits` is None: full-sequence logits are what chunking exists to
         avoid. Otherwise the LM head runs once and its logits give the loss. Other keywords (`output_hidden_states`,
         `output_attentions`, `return_dict`) are the base model's.
+
+        Under sequence parallelism (`sequence_parallel`) every input is this rank's slice of the sequences
+        (`shift_labels` too, shifted on the whole sequences) and the loss is P x this rank's share of the mean over
+        all their tokens: the mean over the group's ranks is the loss.
         """
         shift_labels, num_items_in_batch = kwargs.pop("shift_labels", None), kwargs.pop("num_items_in_batch", None)
         return_dict = kwargs.pop("return_dict", None)
@@ -689,6 +723,11 @@ class RevformerForCausalLM(RevformerPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state  # (B, T, d)
         chunk = self.config.loss_chunk_size
         loss = logits = None
+        sp = self.sequence_parallel
+        if sp is not None and (labels is not None or shift_labels is not None):
+            # Shifted on the whole sequence; P x this rank's share of the mean, so the group's mean is the mean.
+            shift_labels = sp.shift_labels(labels) if shift_labels is None else shift_labels
+            num_items_in_batch = sp.loss_denominator(shift_labels, num_items_in_batch)
         if labels is None and shift_labels is not None:
             labels = shift_labels  # only its shape and presence matter from here
         if not (labels is not None and 0 < chunk < hidden.shape[1] * hidden.shape[0]):

@@ -52,6 +52,7 @@ from .data import (
 from .export import ExportError, check_exportable, export_family, export_model
 from .loss import Teacher
 from .modeling_revformer import RevformerForCausalLM
+from .sequence_parallel import SequenceParallel, build_mesh, sequence_parallel_off, set_sequence_parallel
 from .tokenizer import get_tokenizer, load_tokenizer
 
 CHECKPOINT_DIR = "checkpoints"
@@ -254,11 +255,13 @@ class TrainBatches:
     The order of each epoch is a pure function of (seed, epoch), so a resumed run sees exactly the batches an
     uninterrupted run would have seen next. A streamed dataset's epoch length is unknown until it ends, so the
     position is what checkpoints record: resuming works in any epoch, and a resume that lands exactly at the end
-    of an epoch starts the next one.
+    of an epoch starts the next one. Under sequence parallelism (`sp`) the batch is split between the data-parallel
+    ranks only: every rank of an sp group reads the same sequences (and `train_step` takes its slice).
     """
 
-    def __init__(self, blocks: Any, run: RunConfig, accelerator: Accelerator, epoch: int = 0, index: int = 0) -> None:
-        self.blocks, self.run, self.accelerator = blocks, run, accelerator
+    def __init__(self, blocks: Any, run: RunConfig, accelerator: Accelerator, epoch: int = 0, index: int = 0,
+                 sp: SequenceParallel | None = None) -> None:
+        self.blocks, self.run, self.accelerator, self.sp = blocks, run, accelerator, sp
         self.epoch, self.index = epoch, index
         if hasattr(blocks, "__len__") and len(blocks) // run.train.batch_size == 0:
             raise ConfigError(
@@ -275,13 +278,24 @@ class TrainBatches:
             loader = build_dataloader(self.blocks, batch_size, seed=self.run.train.seed, epoch=self.epoch,
                                       skip_batches=self.index)
             produced = False
-            for batch in self.accelerator.prepare_data_loader(loader, device_placement=True):
+            for batch in self._shard(loader):
                 produced = True
                 self.index += 1
                 yield batch
             if not produced and self.index == 0:
                 raise DataError("The training split produced no batch of train.batch_size blocks; use more data.")
             self.epoch, self.index = self.epoch + 1, 0
+
+    def _shard(self, loader: Any) -> Any:
+        """This process's part of each global batch: its dp rank's (rank // sp_size) under sequence parallelism."""
+        if self.sp is None:
+            return self.accelerator.prepare_data_loader(loader, device_placement=True)
+        from accelerate.data_loader import prepare_data_loader
+
+        acc, size = self.accelerator, self.sp.size
+        return prepare_data_loader(loader, acc.device, num_processes=acc.num_processes // size,
+                                   process_index=acc.process_index // size, split_batches=True, put_on_device=True,
+                                   rng_types=acc.rng_types.copy(), dispatch_batches=False)
 
     def __next__(self) -> dict[str, torch.Tensor]:
         return next(self._batches)
@@ -653,6 +667,7 @@ class Session:
     metrics: dict[str, float] = field(default_factory=dict)
     last_checkpoint_step: int = -1
     last_batch: dict[str, torch.Tensor] | None = None
+    sp: SequenceParallel | None = None  # train.sequence_parallel_size > 1: this process's sp group
 
     @property
     def output_dir(self) -> Path:
@@ -693,10 +708,15 @@ def make_accelerator(run: RunConfig, log_with: str | None) -> Accelerator:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         enable_fsdp_on_cpu(accelerator)
     accelerator.register_save_state_pre_hook(drop_tied_aliases)
-    if run.train.batch_size % accelerator.num_processes:
+    sp_size = run.train.sequence_parallel_size
+    if accelerator.num_processes % sp_size:
+        raise ConfigError(f"train.sequence_parallel_size={sp_size} must divide the {accelerator.num_processes} "
+                          "processes (processes = data-parallel size x sequence_parallel_size).")
+    if run.train.batch_size % (accelerator.num_processes // sp_size):
         raise ConfigError(
-            f"train.batch_size={run.train.batch_size} must be divisible by the {accelerator.num_processes} processes "
-            "(it is the global batch, split between them)."
+            f"train.batch_size={run.train.batch_size} must be divisible by the {accelerator.num_processes // sp_size} "
+            "data-parallel processes (it is the global batch, split between them; the processes of a "
+            "sequence-parallel group share their sequences)."
         )
     return accelerator
 
@@ -736,6 +756,21 @@ def setup(run: RunConfig) -> Session:
     optimizer = build_optimizer(model, run)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    sp = None
+    if run.train.sequence_parallel_size > 1:  # a (dp, sp) mesh; DDP/FSDP2 reduce gradients over all its ranks
+        sp = SequenceParallel(build_mesh(run.train.sequence_parallel_size, accelerator.device.type)["sp"].get_group())
+        try:
+            set_sequence_parallel(model, sp)
+        except ValueError as err:  # heads that do not divide (a fine-tuned model's, checked only now)
+            raise ConfigError(str(err)) from None
+        config = accelerator.unwrap_model(model).config
+        if config.hidden_dropout > 0 or config.attention_dropout > 0:
+            # The ranks of a group share one RNG state (bdia's gamma and LSH's rotations must agree between them),
+            # so their dropout masks repeat from slice to slice: still dropout, but not the one-process run's.
+            accelerator.print(f"warning: dropout (hidden {config.hidden_dropout}, attention "
+                              f"{config.attention_dropout}) under sequence parallelism draws the same mask pattern on "
+                              "every rank of a group, so this run does not equal a one-process run; set both to 0 "
+                              "for that.")
     teacher = build_teacher(run, accelerator.unwrap_model(model), accelerator.device)
 
     step, position, last_checkpoint_step = 0, {}, -1
@@ -764,8 +799,8 @@ def setup(run: RunConfig) -> Session:
     pushes = (BackgroundPushes(run) if run.train.push_to_hub and run.train.save_pretrained_with_checkpoints
               and accelerator.is_main_process else None)
     return Session(run, accelerator, tokenizer, model, optimizer, scheduler,
-                   TrainBatches(train_blocks, run, accelerator, **position), train_blocks, val_blocks,
-                   step, stop, pushes, teacher=teacher, last_checkpoint_step=last_checkpoint_step)
+                   TrainBatches(train_blocks, run, accelerator, **position, sp=sp), train_blocks, val_blocks,
+                   step, stop, pushes, teacher=teacher, last_checkpoint_step=last_checkpoint_step, sp=sp)
 
 
 def train_step(s: Session) -> tuple[torch.Tensor, float]:
@@ -788,9 +823,11 @@ def train_step(s: Session) -> tuple[torch.Tensor, float]:
             if s.teacher is not None:
                 with accelerator.autocast():
                     distill = teacher_targets(s.teacher, batch["input_ids"], position_ids, run.train.distill_ce_weight)
+            ids, labels = batch["input_ids"], batch["labels"]
+            if s.sp is not None:  # this rank's slice of each sequence (its documents found on the whole of it)
+                ids, labels, position_ids = (s.sp.local(x) for x in (ids, labels, position_ids))
             # use_cache=False: with a cache, models other than revformer ignore the documents position_ids mark
-            loss = s.model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=position_ids,
-                           use_cache=False, **distill).loss
+            loss = s.model(input_ids=ids, labels=labels, position_ids=position_ids, use_cache=False, **distill).loss
             if not math.isfinite(accelerator.reduce(loss.detach(), "sum").item()):
                 raise NonFiniteError(f"loss {loss.item()}", s.step + 1)
             accelerator.backward(loss)
@@ -839,19 +876,21 @@ def evaluate_during_training(s: Session) -> dict[str, float]:
     blocks = s.val_blocks
     if cap is not None:
         blocks = sample_blocks(s.val_blocks, cap * s.run.train.batch_size, seed=s.run.train.seed)
-    return evaluate(s.model, blocks, s.accelerator, s.run.train.batch_size,
-                    document_attention=s.run.data.document_attention)
+    with sequence_parallel_off(s.model):  # evaluation (no activations kept) runs whole sequences on every rank
+        return evaluate(s.model, blocks, s.accelerator, s.run.train.batch_size,
+                        document_attention=s.run.data.document_attention)
 
 
 def final_evaluation(s: Session) -> dict[str, float]:
     """The whole validation split (what scripts/evaluate.py reports for the saved model), and the same loss on an
     equal number of training blocks, computed the same way (eval mode, same code), to compare them fairly."""
     documents = s.run.data.document_attention
-    metrics = evaluate(s.model, s.val_blocks, s.accelerator, s.run.train.batch_size, document_attention=documents)
     count = len(s.val_blocks) if hasattr(s.val_blocks, "__len__") else 512
     train_sample = sample_blocks(s.train_blocks, count, seed=s.run.train.seed)
-    train_metrics = evaluate(s.model, train_sample, s.accelerator, s.run.train.batch_size, prefix="eval/train_",
-                             document_attention=documents)
+    with sequence_parallel_off(s.model):
+        metrics = evaluate(s.model, s.val_blocks, s.accelerator, s.run.train.batch_size, document_attention=documents)
+        train_metrics = evaluate(s.model, train_sample, s.accelerator, s.run.train.batch_size, prefix="eval/train_",
+                                 document_attention=documents)
     return metrics | {"eval/train_loss": train_metrics["eval/train_loss"]}
 
 
@@ -900,7 +939,7 @@ def train(run: RunConfig) -> Path:
                 window = {"start": time.perf_counter(), "steps": 0, "loss": torch.zeros_like(window["loss"])}
             if check_reconstruction and s.step % run.train.reconstruction_check_every == 0:
                 # How exactly backward rebuilds the first layer's input (0.0 with fixed-point streams).
-                with torch.no_grad(), accelerator.autocast():
+                with torch.no_grad(), accelerator.autocast(), sequence_parallel_off(s.model):
                     error = accelerator.unwrap_model(s.model).model.reconstruction_error(s.last_batch["input_ids"][:1])
                 log_metrics(accelerator, {"train/reconstruction_error": error}, s.step)
             if s.step % run.train.eval_every == 0 and s.step < run.train.max_steps:

@@ -10,13 +10,12 @@ import textwrap
 import pytest
 import torch
 import yaml
+from conftest import ROOT, launch, make_workdir, relative_error, tiny_config
+from test_conversion import FAMILIES, source_model
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from revformer import RevformerConfig, RevformerForCausalLM, convert_model
 from revformer.export import ExportError, export_model
-
-from conftest import ROOT, launch, make_workdir, relative_error, tiny_config
-from test_conversion import FAMILIES, source_model
 
 # Config values the export writes afresh rather than copying: save_pretrained records the class it saved
 # (`architectures`) and the dtype of the tensors it wrote (`dtype`); an in-memory source has neither.
@@ -93,8 +92,9 @@ def test_a_model_no_standard_architecture_computes_is_refused_with_the_reason(op
 
 def test_the_export_script_refuses_a_sublayer_model_in_one_line(tmp_path):
     RevformerForCausalLM(tiny_config()).save_pretrained(tmp_path / "rev")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts/export.py"), str(tmp_path / "rev"), str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    script = str(ROOT / "scripts/export.py")
+    done = subprocess.run([sys.executable, script, str(tmp_path / "rev"), str(tmp_path / "out")],
+                          capture_output=True, text=True, check=False)
     assert done.returncode != 0 and "error: Cannot export" in done.stderr and "'sublayer'" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
@@ -143,7 +143,7 @@ def test_a_fine_tuned_conversion_exports_a_folder_that_runs_without_revformer(tm
     source.save_pretrained(work / "source")
     byte_tokenizer.save_pretrained(work / "source")
     done = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(work / "source"), str(work / "rev")],
-                          capture_output=True, text=True, cwd=work)
+                          capture_output=True, text=True, cwd=work, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     result = launch("finetune.py", work, "--config", "finetune.yaml", "--train.init_from", str(work / "rev"),
                     "--train.output_dir", str(work / "tuned"), "--train.max_steps", "4", "--train.warmup_steps", "1",
@@ -179,7 +179,7 @@ def test_a_fine_tuned_conversion_exports_a_folder_that_runs_without_revformer(tm
             assert torch.equal(tokens, expected["tokens"]), (use_cache, tokens, expected["tokens"])
         print("plain-ok", type(model).__name__)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "plain-ok Qwen3ForCausalLM" in done.stdout
     assert float(done.stdout.split("error ")[1].split()[0]) < 1e-5
