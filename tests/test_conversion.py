@@ -262,11 +262,57 @@ def test_a_bdia_conversion_scores_as_its_source_and_fine_tunes_through_the_cli(c
     teacher = validation_loss(converted, converted / "teacher")
     before = validation_loss(converted, converted / "rev_bdia")
     assert abs(before / teacher - 1) < 1e-5, (teacher, before)
-    launch("finetune.py", converted, "--config", "heal.yaml", "--train.init_from", str(converted / "rev_bdia"),
-           "--train.output_dir", str(converted / "bdia_tuned"), "--train.max_steps", "16", "--train.warmup_steps", "1",
-           "--train.learning_rate", "3e-3", "--model.chunk_size_feed_forward", "24", "--model.loss_chunk_size", "40")
+    result = launch("finetune.py", converted, "--config", "heal.yaml", "--train.init_from", str(converted / "rev_bdia"),
+                    "--train.output_dir", str(converted / "bdia_tuned"), "--train.max_steps", "16",
+                    "--train.warmup_steps", "1", "--train.learning_rate", "3e-3", "--model.chunk_size_feed_forward",
+                    "24", "--model.loss_chunk_size", "40", "--train.export_source", "true")
     after = validation_loss(converted, converted / "bdia_tuned/model")
     assert after < before - 0.1, (before, after)
+    assert "Exported the final model as a llama model" in result.stdout
+    export_runs_without_revformer(converted / "bdia_tuned", converted)
+
+
+def export_runs_without_revformer(run, work):
+    """The run's `export` folder (train.export_source), loaded where revformer cannot be imported and remote code is
+    off: a plain LlamaForCausalLM with the fine-tuned model's logits and greedy generations, cached or not."""
+    from revformer.tokenizer import load_tokenizer
+
+    out = run / "export"
+    assert not list(out.glob("*.py")) and (out / "tokenizer.json").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config and config["tie_word_embeddings"] is False
+    card = (out / "README.md").read_text()
+    assert "revformer" in card and "16 steps" in card
+    tuned = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    assert type(tuned) is RevformerForCausalLM
+    tokenizer = load_tokenizer(str(run / "model"))
+    ids = torch.tensor([tokenizer.encode("def main():\n    return")])
+    with torch.no_grad():
+        expected = {"ids": ids, "logits": tuned(ids).logits,
+                    "tokens": tuned.generate(ids[:, :8], max_new_tokens=8, do_sample=False, pad_token_id=0)}
+    torch.save(expected, work / "expected_export.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["revformer"] = None  # any `import revformer` now raises ImportError
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=False).eval()
+        expected = torch.load({str(work / "expected_export.pt")!r})
+        with torch.no_grad():
+            logits = model(expected["ids"]).logits
+        print("error", ((logits - expected["logits"]).abs().max() / expected["logits"].abs().max()).item())
+        for use_cache in (True, False):
+            tokens = model.generate(expected["ids"][:, :8], max_new_tokens=8, do_sample=False, use_cache=use_cache,
+                                    pad_token_id=0)
+            assert torch.equal(tokens, expected["tokens"]), (use_cache, tokens, expected["tokens"])
+        print("plain-ok", type(model).__name__)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=work, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "plain-ok LlamaForCausalLM" in done.stdout
+    error = float(done.stdout.split("error ")[1].split()[0])
+    print(f"export logits vs the fine-tuned revformer model: relative error {error:.2e}")
+    assert error < 1e-5
 
 
 @pytest.mark.slow

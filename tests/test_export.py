@@ -1,20 +1,20 @@
-"""Export: a bdia model saved as the Llama / Mistral / Qwen2 / Qwen3 folder it computes out of training."""
+"""Export: a bdia model saved as the Llama / Mistral / Qwen2 / Qwen3 folder it computes out of training. (A converted
+model fine-tuned through scripts/finetune.py with train.export_source, its export loaded without revformer: in
+test_conversion.py, on the fine-tuning run that file already makes.)"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
-import yaml
-from conftest import ROOT, launch, make_workdir, relative_error, tiny_config
+from conftest import ROOT, make_workdir, relative_error, tiny_config
 from test_conversion import FAMILIES, source_model
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM
 
-from revformer import RevformerConfig, RevformerForCausalLM, convert_model
+from revformer import RevformerForCausalLM, convert_model
 from revformer.export import ExportError, export_model
 
 # Config values the export writes afresh rather than copying: save_pretrained records the class it saved
@@ -124,65 +124,6 @@ def test_export_source_is_checked_before_training(tmp_path):
     with pytest.raises(ConfigError, match="train.export_source is true, but Cannot export"):
         check_export(run)
     check_export(load_run_config(work / "tiny.yaml", ["--train.export_source", "true", "--model.coupling", "bdia"]))
-
-
-@pytest.mark.slow
-def test_a_fine_tuned_conversion_exports_a_folder_that_runs_without_revformer(tmp_path, byte_tokenizer):
-    """Qwen3 -> convert.py -> finetune.py (a few steps, train.export_source) -> a plain Qwen3 folder, loaded in a
-    process where revformer cannot be imported and remote code is off: the fine-tuned model's logits and greedy
-    generations, with and without the KV cache."""
-    work = make_workdir(tmp_path)
-    run = yaml.safe_load((work / "tiny.yaml").read_text())
-    (work / "finetune.yaml").write_text(yaml.safe_dump({"data": run["data"], "train": run["train"]}))
-    torch.manual_seed(0)
-    source = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(byte_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        tie_word_embeddings=True, bos_token_id=byte_tokenizer.bos_token_id, eos_token_id=byte_tokenizer.eos_token_id,
-        pad_token_id=byte_tokenizer.pad_token_id))
-    source.save_pretrained(work / "source")
-    byte_tokenizer.save_pretrained(work / "source")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(work / "source"), str(work / "rev")],
-                          capture_output=True, text=True, cwd=work, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = launch("finetune.py", work, "--config", "finetune.yaml", "--train.init_from", str(work / "rev"),
-                    "--train.output_dir", str(work / "tuned"), "--train.max_steps", "4", "--train.warmup_steps", "1",
-                    "--train.learning_rate", "1e-2", "--train.export_source", "true")
-    assert "Exported the final model as a qwen3 model" in result.stdout
-    out = work / "tuned" / "export"
-    assert not list(out.glob("*.py")) and (out / "tokenizer.json").exists()
-    config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "qwen3" and "auto_map" not in config
-    assert "revformer" in (out / "README.md").read_text() and "4 steps" in (out / "README.md").read_text()
-
-    tuned = AutoModelForCausalLM.from_pretrained(work / "tuned" / "model").eval()
-    assert type(tuned) is RevformerForCausalLM and isinstance(tuned.config, RevformerConfig)
-    source_weight = source.model.layers[0].mlp.up_proj.weight
-    assert not torch.allclose(tuned.model.layers[0].feed_forward.up_proj.weight, source_weight)  # it trained
-    ids = torch.tensor([byte_tokenizer.encode("def main():\n    return")])
-    with torch.no_grad():
-        expected = {"ids": ids, "logits": tuned(ids).logits, "tokens": greedy(tuned, ids[:, :8], use_cache=True)}
-    torch.save(expected, work / "expected.pt")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["revformer"] = None  # any `import revformer` now raises ImportError
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=False).eval()
-        expected = torch.load({str(work / "expected.pt")!r})
-        with torch.no_grad():
-            logits = model(expected["ids"]).logits
-        print("error", ((logits - expected["logits"]).abs().max() / expected["logits"].abs().max()).item())
-        for use_cache in (True, False):
-            tokens = model.generate(expected["ids"][:, :8], max_new_tokens=8, do_sample=False, use_cache=use_cache,
-                                    pad_token_id=0)
-            assert torch.equal(tokens, expected["tokens"]), (use_cache, tokens, expected["tokens"])
-        print("plain-ok", type(model).__name__)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "plain-ok Qwen3ForCausalLM" in done.stdout
-    assert float(done.stdout.split("error ")[1].split()[0]) < 1e-5
 
 
 def test_the_pretrain_and_export_recipe_exports_a_llama():
