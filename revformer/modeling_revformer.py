@@ -277,12 +277,14 @@ class RevformerFeedForward(nn.Module):
         out = self.dropout(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
         return out if isinstance(scale, float) and scale == 1.0 else out * scale
 
-    def forward(self, x: Tensor, *aux: Tensor | None, scale: float | Tensor = 1.0) -> Tensor:
-        """`scale * G(x)` (`scale`: a number, or per-sequence factors of shape (B, 1, 1)); `aux` (what the engine
-        hands every sublayer: rotary tables, masks) is not needed here."""
+    def forward(self, x: Tensor, *aux: Tensor | None, scale: float | Tensor = 1.0, into: Tensor | None = None
+                ) -> Tensor:
+        """`scale * G(x)` (`scale`: a number, or per-sequence factors of shape (B, 1, 1)), plus `into` if given (a long
+        sequence's chunks are then added to it in place: no separate output buffer); `aux` (what the engine hands
+        every sublayer: rotary tables, masks) is not needed here."""
         plain = isinstance(scale, float) and scale == 1.0
         fn = self.forward_chunk if plain else lambda x: self.forward_chunk(x, scale)
-        return chunked(fn, x, self.chunk_size, [p for p in self.parameters() if p.requires_grad])
+        return chunked(fn, x, self.chunk_size, [p for p in self.parameters() if p.requires_grad], into=into)
 
 
 class RevformerBlock(GradientCheckpointingLayer):
@@ -340,8 +342,8 @@ class RevformerBDIALayer(GradientCheckpointingLayer):
         """What joins the stream two back: `f(x)` for the first layer, else `(out, gamma)` (gamma (B, 1, 1) fp32).
         `args`: what the attention takes besides `x` (rotary tables, masks, cache, attentions list)."""
         a = self.attention(x, *args)
-        if self.gamma is None:
-            return a + self.feed_forward(x + a)
+        if self.gamma is None:  # the feed-forward's chunks are added to `a` in place (see below)
+            return self.feed_forward(x + a, into=a)
         if self.training:
             signs = torch.randint(0, 2, (x.shape[0], 1, 1), device=x.device).mul_(2).sub_(1)
             gamma = signs.to(torch.float32) * self.gamma
@@ -350,7 +352,8 @@ class RevformerBDIALayer(GradientCheckpointingLayer):
         step = (1.0 + gamma).to(x.dtype)
         h, rest = x + a, torch.addcmul((1.0 - gamma).to(x.dtype) * x, step, a)
         del a  # not saved by either: two stream-sized tensors beside the feed-forward's activations, not three
-        return rest + self.feed_forward(h, scale=step), gamma
+        # The feed-forward's chunks are added to `rest` in place: no stream-sized buffer for its output.
+        return self.feed_forward(h, scale=step, into=rest), gamma
 
     def forward(
         self, x1: Tensor, x2: Tensor, *aux: Tensor | None, cache: Cache | None = None,

@@ -425,9 +425,10 @@ class ChunkedFunction(torch.autograd.Function):
     activations exist for one chunk at a time, in forward and in backward. `fn` must be position-wise; `aligned` are
     tensors without gradient sliced along dim 1 with `x` (rotary tables: (B|1, T, D)).
 
-    Call as `ChunkedFunction.apply(fn, chunk_size, fuse, num_aligned, x, *aligned, *params)`, `params` being every
-    tensor `fn` differentiates in (its module's parameters). Two ways to the gradients, neither of which holds
-    whole-sequence activations:
+    Call as `ChunkedFunction.apply(fn, chunk_size, fuse, num_aligned, x, into, *aligned, *params)`, `params` being
+    every tensor `fn` differentiates in (its module's parameters). `into` (or None): a tensor shaped like the output
+    that the output is added to in place and returned, `into + fn(x)` without a separate output buffer. Two ways to
+    the gradients, neither of which holds whole-sequence activations:
     - fused: when `fuse` and the output's gradient was announced (`upstream_gradient`, as the reversible engine does
       for every re-run), each chunk's output and its gradients are computed together in forward and backward returns
       them: no extra compute (`x` is kept all the same, for a gradient that arrives cast).
@@ -438,7 +439,8 @@ class ChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, fn: Any, chunk_size: int, fuse: bool, num_aligned: int, x: Tensor, *aligned_and_params: Tensor
+        ctx: Any, fn: Any, chunk_size: int, fuse: bool, num_aligned: int, x: Tensor, into: Tensor | None,
+        *aligned_and_params: Tensor,
     ) -> Tensor:
         aligned, params = aligned_and_params[:num_aligned], aligned_and_params[num_aligned:]
         ctx.fn, ctx.chunk_size, ctx.num_aligned = fn, chunk_size, num_aligned
@@ -446,11 +448,13 @@ class ChunkedFunction(torch.autograd.Function):
         hint = _take_upstream_gradient() if fuse else None
         if hint is not None and hint.grad.shape[:2] != x.shape[:2]:
             hint = None  # announced for an output of another shape: not ours
-        wanted = ctx.needs_input_grad[4:5] + ctx.needs_input_grad[5 + num_aligned :]
+        wanted = ctx.needs_input_grad[4:5] + ctx.needs_input_grad[6 + num_aligned :]
+        if into is not None:
+            ctx.mark_dirty(into)
         if hint is None:
-            out, ctx.grads = _in_chunks(fn, x, aligned, chunk_size), None
+            out, ctx.grads = _in_chunks(fn, x, aligned, chunk_size, into), None
         else:
-            out, ctx.grads = _chunked_vjp(fn, chunk_size, x, aligned, params, wanted, hint)
+            out, ctx.grads = _chunked_vjp(fn, chunk_size, x, aligned, params, wanted, hint, into)
         ctx.save_for_backward(x, *aligned, *params)  # fused too: a recompute if another gradient arrives (a cast)
         ctx.hint = hint
         return out
@@ -462,12 +466,13 @@ class ChunkedFunction(torch.autograd.Function):
             grads = ctx.grads  # computed in forward for exactly this grad_out
         else:
             x, aligned, params = saved[0], saved[1 : 1 + ctx.num_aligned], saved[1 + ctx.num_aligned :]
-            wanted = ctx.needs_input_grad[4:5] + ctx.needs_input_grad[5 + ctx.num_aligned :]
+            wanted = ctx.needs_input_grad[4:5] + ctx.needs_input_grad[6 + ctx.num_aligned :]
             with ctx.replay_ctx.replay():  # the forward's dropout draws and autocast, chunk by chunk in order
                 _, grads = _chunked_vjp(ctx.fn, ctx.chunk_size, x, aligned, params, wanted, UpstreamGradient(grad_out))
         ctx.hint = ctx.grads = None
         x_grad, *param_grads = grads
-        return (None, None, None, None, x_grad, *(None,) * ctx.num_aligned, *param_grads)
+        into_grad = grad_out if ctx.needs_input_grad[5] else None  # d(into + fn(x))/d into is the identity
+        return (None, None, None, None, x_grad, into_grad, *(None,) * ctx.num_aligned, *param_grads)
 
 
 def _pieces(length: int, chunk_size: int) -> list[slice]:
@@ -476,21 +481,25 @@ def _pieces(length: int, chunk_size: int) -> list[slice]:
 
 class _Assembly:
     """A whole-sequence tensor written chunk by chunk along dim 1 (allocated at the first chunk): no list of chunks
-    beside a concatenated copy."""
+    beside a concatenated copy. With `into`, the chunks are added to that tensor in place instead."""
 
-    def __init__(self, length: int) -> None:
-        self.length, self.tensor = length, None
+    def __init__(self, length: int, into: Tensor | None = None) -> None:
+        self.length, self.tensor, self.accumulate = length, into, into is not None
 
     def put(self, piece: slice, value: Tensor, dtype: torch.dtype | None = None) -> None:
+        if self.accumulate:
+            self.tensor[:, piece] += value
+            return
         if self.tensor is None:
             shape = (value.shape[0], self.length, *value.shape[2:])
             self.tensor = value.new_empty(shape, dtype=dtype or value.dtype)
         self.tensor[:, piece] = value
 
 
-def _in_chunks(fn: Any, x: Tensor, aligned: Sequence[Tensor], chunk_size: int) -> Tensor:
-    """`fn(x, *aligned)` one chunk of dim 1 at a time, without recording anything for backward."""
-    out, x = _Assembly(x.shape[1]), x.detach()  # slices of a detached x: no autograd views without a graph
+def _in_chunks(fn: Any, x: Tensor, aligned: Sequence[Tensor], chunk_size: int, into: Tensor | None = None) -> Tensor:
+    """`fn(x, *aligned)` (added to `into` in place, if given) one chunk of dim 1 at a time, recording nothing for
+    backward."""
+    out, x = _Assembly(x.shape[1], into), x.detach()  # slices of a detached x: no autograd views without a graph
     for piece in _pieces(x.shape[1], chunk_size):
         out.put(piece, fn(x[:, piece], *(a[:, piece] for a in aligned)))
     return out.tensor
@@ -498,14 +507,14 @@ def _in_chunks(fn: Any, x: Tensor, aligned: Sequence[Tensor], chunk_size: int) -
 
 def _chunked_vjp(
     fn: Any, chunk_size: int, x: Tensor, aligned: Sequence[Tensor], params: Sequence[Tensor], wanted: Sequence[bool],
-    grad: UpstreamGradient,
+    grad: UpstreamGradient, into: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor | None]]:
-    """`fn(x, *aligned)` chunk by chunk, and the gradients of <fn(x), grad> with respect to x and params (None where
-    unwanted).
+    """`fn(x, *aligned)` chunk by chunk (added to `into` in place, if given), and the gradients of <fn(x), grad> with
+    respect to x and params (None where unwanted).
 
     One chunk's graph is alive at a time; the output and dL/dx are assembled from the chunks, dL/dparams summed.
     """
-    out, x_grad = _Assembly(x.shape[1]), _Assembly(x.shape[1])
+    out, x_grad = _Assembly(x.shape[1], into), _Assembly(x.shape[1])
     param_grads: list[Tensor | None] = [None] * len(params)
     wanted_params = [p for p, w in zip(params, wanted[1:]) if w]
     for piece in _pieces(x.shape[1], chunk_size):
@@ -527,21 +536,28 @@ def _chunked_vjp(
 
 
 def chunked(
-    fn: Any, x: Tensor, chunk_size: int, params: Sequence[Tensor], aligned: Sequence[Tensor] = (), fuse: bool = True
+    fn: Any, x: Tensor, chunk_size: int, params: Sequence[Tensor], aligned: Sequence[Tensor] = (), fuse: bool = True,
+    into: Tensor | None = None,
 ) -> Tensor:
     """`fn(x, *aligned)` with `fn`'s activation memory bounded by `chunk_size` positions (dim 1), also in backward.
 
     `fn` must be position-wise (each output position depends on that input position only) and `params` must hold
     every tensor it differentiates in; `aligned` (no gradient) are sliced along dim 1 with `x`. `fuse=False` when
     `fn`'s output is not the sublayer's output, whose gradient the engine announces (see `ChunkedFunction`). Short
-    inputs (<= chunk_size) and `chunk_size` <= 0 run `fn` directly.
+    inputs (<= chunk_size) and `chunk_size` <= 0 run `fn` directly. `into`: return `into + fn(x, *aligned)`, chunked
+    runs writing it over `into` (which the caller then no longer uses) rather than into a buffer of their own.
     """
+    if into is not None and (into._is_view() or chunk_size <= 0 or x.shape[1] <= chunk_size):
+        # Out of place for short inputs, and for a view (FSDP2 hands a module's inputs on as views of one
+        # function's outputs, which autograd forbids writing in place).
+        return into + chunked(fn, x, chunk_size, params, aligned, fuse)
     if chunk_size <= 0 or x.shape[1] <= chunk_size:
         return fn(x, *aligned)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)
+                                              or (into is not None and into.requires_grad))
     if not needs_grad:
-        return _in_chunks(fn, x, aligned, chunk_size)
-    return ChunkedFunction.apply(fn, chunk_size, fuse, len(aligned), x, *aligned, *params)
+        return _in_chunks(fn, x, aligned, chunk_size, into)
+    return ChunkedFunction.apply(fn, chunk_size, fuse, len(aligned), x, into, *aligned, *params)
 
 
 def _rerun(

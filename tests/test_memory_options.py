@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -176,3 +177,31 @@ def test_eval_forward_builds_no_cache_but_generation_uses_one():
     cached = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     uncached = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("announced", [False, True])
+@pytest.mark.parametrize("as_view", [False, True])
+def test_chunked_into_adds_in_place_with_the_gradients_of_the_sum(announced, as_view):
+    """`chunked(fn, x, into=s)` is `s + fn(x)`, written over `s` (the bdia layer's sum) unless `s` is a view (as FSDP2
+    hands a module's inputs on), with the gradients of `s + fn(x)` for s, x and the parameters, fused or recomputed."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    params = list(layer.parameters())
+    x, base = torch.randn(2, 10, 4, requires_grad=True), torch.randn(2, 10, 4, requires_grad=True)
+    grad = torch.randn(2, 10, 4)
+
+    def fn(t):
+        return torch.tanh(layer(t))
+
+    into = base * 1.0
+    if as_view:
+        into = into.view(2, 10, 4)
+    with upstream_gradient(grad) if announced else contextlib.nullcontext():
+        out = chunked(fn, x, 3, params, into=into)
+    assert (out is into) != as_view  # in place, unless a view
+    got = torch.autograd.grad(out, [base, x, *params], grad)
+    expected_out = base + fn(x)
+    want = torch.autograd.grad(expected_out, [base, x, *params], grad)
+    assert torch.allclose(out, expected_out, atol=1e-6)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-6)
