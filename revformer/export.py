@@ -82,8 +82,8 @@ def check_exportable(config: RevformerConfig) -> None:
         reasons.append("q/k norm (Qwen3) together with qkv_bias or mlp_bias, which Qwen3 does not have")
     if config.qkv_bias and (config.attention_bias or config.mlp_bias):
         reasons.append("qkv_bias (Qwen2) together with attention_bias or mlp_bias, which Qwen2 does not have")
-    if family == "mistral" and (config.attention_bias or config.mlp_bias or config.qkv_bias or config.qk_norm):
-        reasons.append("biases or q/k norm, which Mistral does not have")
+    if family == "mistral" and (config.attention_bias or config.mlp_bias):
+        reasons.append("attention_bias or mlp_bias, which Mistral does not have")
     if family in ("llama", "mistral") and (config.qkv_bias or config.qk_norm):
         reasons.append(f"qkv_bias or qk_norm, which {family} does not have")
     if reasons:

@@ -168,11 +168,7 @@ def test_convert_script_writes_a_folder_that_loads_without_revformer(tmp_path, b
     ids = torch.randint(3, 96, (1, 16))
     with torch.no_grad():
         torch.save({"ids": ids, "logits": source(ids).logits}, tmp_path / "expected.pt")  # bdia: the source itself
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["revformer"] = None  # any `import revformer` now raises ImportError
-        import torch
-        from transformers import AutoModelForCausalLM
+    result = run_without_revformer(f"""
         model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         expected = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
@@ -180,10 +176,22 @@ def test_convert_script_writes_a_folder_that_loads_without_revformer(tmp_path, b
         error = ((logits - expected["logits"]).abs().max() / expected["logits"].abs().max()).item()
         assert error < 1e-5, error
         print("remote-ok", model.config.coupling)
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """, tmp_path)
     assert "remote-ok bdia" in result.stdout
+
+
+def run_without_revformer(body: str, cwd) -> subprocess.CompletedProcess:
+    """`body` (torch and AutoModelForCausalLM imported) run by a Python in which `import revformer` fails; it must
+    succeed."""
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["revformer"] = None  # any `import revformer` now raises ImportError
+        import torch
+        from transformers import AutoModelForCausalLM
+    """) + textwrap.dedent(body)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def test_unsupported_sources_get_one_clear_error(tmp_path):
@@ -291,11 +299,7 @@ def export_runs_without_revformer(run, work):
         expected = {"ids": ids, "logits": tuned(ids).logits,
                     "tokens": tuned.generate(ids[:, :8], max_new_tokens=8, do_sample=False, pad_token_id=0)}
     torch.save(expected, work / "expected_export.pt")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["revformer"] = None  # any `import revformer` now raises ImportError
-        import torch
-        from transformers import AutoModelForCausalLM
+    done = run_without_revformer(f"""
         model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=False).eval()
         expected = torch.load({str(work / "expected_export.pt")!r})
         with torch.no_grad():
@@ -306,9 +310,7 @@ def export_runs_without_revformer(run, work):
                                     pad_token_id=0)
             assert torch.equal(tokens, expected["tokens"]), (use_cache, tokens, expected["tokens"])
         print("plain-ok", type(model).__name__)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=work, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """, work)
     assert "plain-ok LlamaForCausalLM" in done.stdout
     error = float(done.stdout.split("error ")[1].split()[0])
     print(f"export logits vs the fine-tuned revformer model: relative error {error:.2e}")
