@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
 from .configuration_revformer import RevformerConfig
 from .conversion import SUPPORTED, weight_map
@@ -116,14 +116,14 @@ def export_config(config: RevformerConfig) -> PreTrainedConfig:
     return AutoConfig.for_model(family, **{**recorded, **fields})
 
 
-def exported_state_dict(model: RevformerForCausalLM, target_config: PreTrainedConfig,
+def exported_state_dict(model: RevformerForCausalLM, target: PreTrainedModel,
                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The source architecture's tensors, by its names, from the revformer model's (the inverse of `weight_map`);
-    raises if any revformer parameter would be left behind. A tied head is left out, as save_pretrained does."""
-    with torch.device("meta"):
-        names = list(AutoModelForCausalLM.from_config(target_config).state_dict())
+    """`target`'s tensors (an instance of the source architecture, on the meta device: only its names are read) from
+    the revformer model's, the inverse of `weight_map`; raises if any revformer parameter would be left behind. A tied
+    head is left out, as save_pretrained does."""
+    target_config = target.config
     tied = bool(target_config.tie_word_embeddings)
-    mapping = weight_map(names, tied=tied)  # target name -> revformer name
+    mapping = weight_map(list(target.state_dict()), tied=tied)  # target name -> revformer name
     ours = dict(model.named_parameters())
     unused = set(ours) - set(mapping.values())
     if unused:
@@ -205,10 +205,10 @@ def export_model(
                 print(f"warning: no tokenizer exported ({type(err).__name__}: {err}); save one beside it.")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    target_config = export_config(model.config)
-    state = exported_state_dict(model, target_config, dtype)
-    with torch.device("meta"):  # an empty twin that writes the config, generation config and the given tensors
-        saver = AutoModelForCausalLM.from_config(target_config).to(next(iter(state.values())).dtype)
+    with torch.device("meta"):  # an empty twin that names the tensors and writes config, generation config and them
+        saver = AutoModelForCausalLM.from_config(export_config(model.config))
+    state = exported_state_dict(model, saver, dtype)
+    saver.to(next(iter(state.values())).dtype)
     saver.generation_config = model.generation_config
     out = Path(output_dir)
     # Written beside, then moved in: an interrupted export leaves no half-written folder behind.
@@ -230,7 +230,7 @@ def export_model(
         api = HfApi()
         api.create_repo(push_to_hub, private=private, exist_ok=True)
         api.upload_folder(repo_id=push_to_hub, folder_path=str(out),
-                          commit_message=f"{target_config.model_type} export of a revformer model")
+                          commit_message=f"{saver.config.model_type} export of a revformer model")
     return out
 
 

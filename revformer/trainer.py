@@ -540,7 +540,7 @@ def planned_config(run: RunConfig) -> RevformerConfig:
     """The model's config as far as it is known before the tokenizer (all but the vocabulary when from scratch)."""
     if run.train.init_from:
         return AutoConfig.from_pretrained(run.train.init_from, **run.model)
-    return RevformerConfig(**run.model)
+    return run.model_config()
 
 
 def export_repo_id(run: RunConfig) -> str:
