@@ -15,7 +15,7 @@ streams. Either way the newest stream is the hidden state, normalized and projec
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -320,6 +320,26 @@ class RevformerBlock(GradientCheckpointingLayer):
         return y1, y2
 
 
+class BDIATerms(torch.autograd.Function):
+    """`h = x + a` and `rest = keep * x + step * a` (keep, step: per-sequence factors), the two terms of a `bdia`
+    layer's sum. Its backward makes the gradients of x and a in one step and keeps neither input: autograd's own
+    three nodes leave an extra stream-sized gradient alive through the attention's backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, a: Tensor, keep: Tensor, step: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(keep, step)
+        return x + a, torch.addcmul(keep * x, step, a)
+
+    @staticmethod
+    def backward(ctx: Any, h_grad: Tensor, rest_grad: Tensor) -> tuple[Tensor | None, ...]:
+        keep, step = ctx.saved_tensors
+        x_grad = torch.addcmul(h_grad, keep, rest_grad) if ctx.needs_input_grad[0] else None
+        a_grad = torch.addcmul(h_grad, step, rest_grad) if ctx.needs_input_grad[1] else None
+        return x_grad, a_grad, None, None
+
+
 class RevformerBDIALayer(GradientCheckpointingLayer):
     """A layer of the `bdia` coupling: one whole pre-norm Transformer block `f(p) = A(p) + M(p + A(p))`, so that
     `p + f(p)` is Llama's `h = p + A(p); out = h + M(h)` exactly, joined by `p[l+1] = gamma p[l-1] + out` with
@@ -350,8 +370,8 @@ class RevformerBDIALayer(GradientCheckpointingLayer):
         else:
             gamma = x.new_zeros(x.shape[0], 1, 1, dtype=torch.float32)
         step = (1.0 + gamma).to(x.dtype)
-        h, rest = x + a, torch.addcmul((1.0 - gamma).to(x.dtype) * x, step, a)
-        del a  # not saved by either: two stream-sized tensors beside the feed-forward's activations, not three
+        h, rest = BDIATerms.apply(x, a, (1.0 - gamma).to(x.dtype), step)
+        del a  # not saved: two stream-sized tensors beside the feed-forward's activations, not three
         # The feed-forward's chunks are added to `rest` in place: no stream-sized buffer for its output.
         return self.feed_forward(h, scale=step, into=rest), gamma
 

@@ -138,6 +138,15 @@ class StreamArithmetic:
     def check_range(self, peak: Tensor) -> None:
         """Raise if a stream reached `peak` = max |value|, which this arithmetic cannot hold exactly."""
 
+    # While a sublayer re-runs, the stream it read is needed only after its backward. A stream whose `read` is a copy
+    # can meanwhile be held as that copy and whatever the copy lost: `park` frees the stream's memory and returns
+    # what `unpark` needs, with `read`, to rebuild it bit for bit. Float streams are read as they are: nothing to do.
+    def park(self, stream: Tensor, read: Tensor) -> Any:
+        return None
+
+    def unpark(self, stream: Tensor, read: Tensor, parked: Any) -> None:
+        """Restore `stream`'s values after `park` (in its own memory, which `park` freed)."""
+
 
 class Fp32Gradient(torch.autograd.Function):
     """The identity, whose gradient is rounded to fp32: on the plain path, a float64 fixed-point stream's gradient
@@ -268,6 +277,27 @@ class FixedPointArithmetic(StreamArithmetic):
     def read(self, stream: Tensor) -> Tensor:
         return stream.float()
 
+    # A float64 stream x on the grid and its fp32 rounding f differ by x - f, a whole number of grid steps below 2^29
+    # in magnitude (|x - f| <= ulp_fp32(x) / 2 <= 2^(29 - k) under the limit 2^(53 - k)), so an int32 holds it
+    # exactly: parked, the stream costs 4 bytes per element beside the read copy the sublayer holds anyway, not 8.
+    def park(self, stream: Tensor, read: Tensor) -> Any:
+        if stream.dtype != torch.float64 or read.dtype != torch.float32 or read.shape != stream.shape:
+            return None
+        correction = torch.empty(stream.shape, dtype=torch.int32, device=stream.device)
+        for p in _pieces(stream.shape[1], _rows_per_block(stream)):
+            correction[:, p] = (stream[:, p] - read[:, p].double()).mul_(self.scale)
+        nbytes = stream.untyped_storage().nbytes()
+        stream.untyped_storage().resize_(0)
+        return correction, nbytes
+
+    def unpark(self, stream: Tensor, read: Tensor, parked: Any) -> None:
+        if parked is None:
+            return
+        correction, nbytes = parked
+        stream.untyped_storage().resize_(nbytes)
+        for p in _pieces(stream.shape[1], _rows_per_block(stream)):
+            stream[:, p] = torch.add(read[:, p].double(), correction[:, p].double(), alpha=self.step)
+
     def check_range(self, peak: Tensor) -> None:
         value = peak.item()
         k = self.fraction_bits
@@ -294,10 +324,13 @@ def by_rows(y: Tensor, inplace: bool, compute: Any) -> Tensor:
     the temporaries behind it exist for one block. `compute` may read y's block: it runs before the block is written.
     Streams are (batch, tokens, ...): blocks of tokens."""
     result = y if inplace else torch.empty_like(y)
-    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, y[:, :1].numel()))
-    for p in _pieces(y.shape[1], rows):
+    for p in _pieces(y.shape[1], _rows_per_block(y)):
         result[:, p] = compute(p)
     return result
+
+
+def _rows_per_block(y: Tensor) -> int:
+    return max(1, ROW_BLOCK_ELEMENTS // max(1, y[:, :1].numel()))
 
 
 def _extremes(stream: Tensor) -> Tensor:
@@ -581,14 +614,49 @@ def _rerun(
     all that DDP's reducer and FSDP's per-module hooks see.
     """
     params = [] if sharded else _sublayer_params(sublayer)
-    with torch.enable_grad(), replay.replay(), upstream_gradient(grad_out) as hint:
+    saved = SavedStorages()
+    with torch.enable_grad(), replay.replay(), upstream_gradient(grad_out) as hint, saved:
         # Differentiate with respect to what S reads: `read` is a cast, whose gradient is the identity.
         s_in = arithmetic.read(inp).detach().requires_grad_()
+        # `inplace`: the engine owns both streams. The one S read is then parked until the backward is done.
+        parked = arithmetic.park(inp, s_in) if inplace else None
         s_out, keep = split_output(sublayer(s_in, *aux))
+    rebuilt = None
+    if inplace:  # over out_stream, which the engine owns: S's output is then no longer needed unless the graph is
+        with torch.no_grad():  # holding it, and its memory goes back before the backward's peak
+            rebuilt = arithmetic.unjoin(out_stream, s_out, keep, replay.residue, inplace=True)
+        saved.release_unless_saved(s_out, s_in)
     s_in_grad, grads = _backprop(s_out, s_in, params, hint.to(s_out.dtype), sharded)
-    with torch.no_grad():  # `inplace`: over out_stream, which the engine owns and needs no longer
-        rebuilt = arithmetic.unjoin(out_stream, s_out, keep, replay.residue, inplace=inplace)
+    if rebuilt is None:
+        with torch.no_grad():
+            rebuilt = arithmetic.unjoin(out_stream, s_out, keep, replay.residue)
+    arithmetic.unpark(inp, s_in, parked)
     return rebuilt, s_in_grad.to(grad_out.dtype), _grads_or_zeros(grads, params), keep
+
+
+class SavedStorages(torch.autograd.graph.saved_tensors_hooks):
+    """Records the storage of every tensor autograd saves for backward inside the block, so that a tensor none of
+    them shares can have its memory freed before the backward that never reads it (`release_unless_saved`)."""
+
+    def __init__(self) -> None:
+        self.pointers: set[int] = set()
+
+        def pack(t: Tensor) -> Tensor:
+            self.pointers.add(t.untyped_storage().data_ptr())
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+    def __enter__(self) -> SavedStorages:
+        super().__enter__()
+        return self
+
+    def release_unless_saved(self, t: Tensor, *keep: Tensor) -> None:
+        """Free `t`'s memory (its shape stays: autograd only checks gradients against it) unless a saved tensor or
+        one of `keep` shares it."""
+        pointer = t.untyped_storage().data_ptr()
+        if pointer not in self.pointers and all(k.untyped_storage().data_ptr() != pointer for k in keep):
+            t.untyped_storage().resize_(0)
 
 
 Contexts = list[tuple[ForwardContext, ForwardContext]]  # (F, G) forward contexts, one pair per block

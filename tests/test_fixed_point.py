@@ -191,3 +191,23 @@ def test_bdia_reconstruction_is_exact_with_fixed_point_streams_only():
     assert errors["fixed_point"] == 0.0 and errors["float32"] > 1e-4, errors
     with pytest.raises(ValueError, match="only in train mode"):
         model.eval().model.reconstruction_error(ids)
+
+
+@pytest.mark.parametrize("fraction_bits", [8, 24, 32, 52])
+def test_a_parked_stream_is_its_fp32_read_and_an_int32_correction(fraction_bits):
+    """While a sublayer re-runs, the stream it read is parked: its memory is freed and it is rebuilt, bit for bit,
+    from the fp32 copy the sublayer reads and an int32 count of grid steps, up to the stream limit."""
+    arithmetic = FixedPointArithmetic(fraction_bits)
+    torch.manual_seed(0)
+    limit_steps = 2.0 ** 53 - 1  # the largest stream, in grid steps
+    steps = torch.cat([torch.randint(-(2**62), 2**62, (2, 40, 3)).double().clamp(-limit_steps, limit_steps),
+                       torch.randint(-1000, 1000, (2, 40, 3)).double()], dim=2)  # large and tiny values
+    stream = steps * 2.0**-fraction_bits
+    stream[0, 0, 0] = (2.0**53 - 1) * 2.0**-fraction_bits  # the limit itself, where the fp32 rounding is coarsest
+    original, read = stream.clone(), arithmetic.read(stream)
+    parked = arithmetic.park(stream, read)
+    assert stream.untyped_storage().nbytes() == 0 and parked[0].dtype == torch.int32
+    arithmetic.unpark(stream, read, parked)
+    assert torch.equal(stream, original)
+    # Float streams are read as they are: nothing to park.
+    assert StreamArithmetic().park(original, original) is None

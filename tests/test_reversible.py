@@ -229,3 +229,20 @@ def test_hidden_states_are_the_topology_output_after_every_layer():
     assert hidden["newest"].shape[0] == 1 + config.num_hidden_layers
     torch.testing.assert_close(hidden["mix01"], hidden["newest"])
     assert relative_error(hidden["mix10"][1:], hidden["newest"][1:]) > 1e-2  # the streams differ
+
+
+def test_a_rerun_output_is_freed_before_backward_only_when_nothing_saved_it():
+    """The engine frees a re-run sublayer's output once the stream is rebuilt from it, unless autograd saved it for
+    the backward (tanh keeps its output): the gradients above prove the saved case intact."""
+    from revformer.reversible import SavedStorages
+
+    x = torch.randn(4, 8, requires_grad=True)
+    linear = nn.Linear(8, 8)
+    with SavedStorages() as saved:
+        kept, free = torch.tanh(linear(x)), linear(x) * 2.0
+    saved.release_unless_saved(kept)
+    saved.release_unless_saved(free)
+    assert kept.untyped_storage().nbytes() > 0 and free.untyped_storage().nbytes() == 0
+    grad = torch.ones(4, 8)
+    (expected,) = torch.autograd.grad(torch.tanh(linear(x)) + linear(x) * 2.0, x, grad)
+    assert torch.allclose(torch.autograd.grad((kept, free), x, (grad, grad))[0], expected)
