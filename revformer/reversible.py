@@ -26,7 +26,10 @@ those of plain backprop.
 The engine calls each sublayer exactly once per pass and knows nothing else about it. A sublayer that bounds its own
 memory does so inside that call: `chunked` runs a position-wise function a chunk of the sequence at a time, and
 because the engine announces the gradient each re-run's output will receive (`upstream_gradient`), the chunks
-compute their outputs and gradients together, with no recompute.
+compute their outputs and gradients together, with no recompute. While a re-run's backward runs, the engine holds
+no more than it must: the stream the sublayer read is parked (`StreamArithmetic.park`: a fixed-point stream as the
+fp32 copy the sublayer reads anyway plus an int32 correction), and the sublayer's output, once the stream below has
+been rebuilt from it, is freed unless autograd saved it (`SavedStorages`).
 
 Parameters are inputs of the Function and their gradients are its outputs (computed with `torch.autograd.grad`,
 never `.backward()` inside backward). Autograd therefore accumulates each parameter's gradient exactly once, through
