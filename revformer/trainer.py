@@ -59,6 +59,7 @@ CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "model"
 EXPORT_DIR = "export"  # train.export_source: the final model as its standard architecture
 STATE_FILE = "trainer_state.json"
+GLOO_SETTLE_S = 1.0  # seconds a gloo (CPU) process group's worker threads get to go idle before teardown
 
 
 class NonFiniteLossError(RuntimeError):
@@ -202,6 +203,13 @@ def end_training(accelerator: Accelerator) -> None:
         except ConnectionError as err:
             drop_lost_tracker(accelerator, tracker, err)
     accelerator.trackers.clear()  # each is finished or dropped; what remains of end_training is the teardown
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if accelerator.num_processes > 1 and distributed and "gloo" in str(torch.distributed.get_backend()):
+        # A gloo worker thread frees a finished collective's tensors just after the op returns, and needs the GIL for
+        # it. The process group's destructor (run when the last holder, e.g. the DDP model, is released) holds the GIL
+        # while it joins those threads, so a worker still freeing then deadlocks the rank; at interpreter exit it
+        # aborts it (SIGABRT). Sleeping releases the GIL: the workers finish while nothing waits on them.
+        time.sleep(GLOO_SETTLE_S)
     accelerator.end_training()
 
 

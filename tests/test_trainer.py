@@ -598,3 +598,23 @@ def test_logged_loss_is_the_mean_over_the_logging_window():
     window = {"start": time.perf_counter(), "steps": 3, "loss": torch.tensor(sum(step_losses))}
     log_window(session, window, 0.5, SimpleNamespace(set_postfix=lambda **kw: postfix.update(kw)))
     assert logged["train/loss"] == pytest.approx(5.0) and postfix["loss"] == "5.000"
+
+
+def test_a_gloo_teardown_first_lets_the_worker_threads_settle(monkeypatch):
+    """gloo's worker threads free a finished collective's tensors with the GIL; tearing the process group down (its
+    destructor joins them holding the GIL) while one still does deadlocked a rank after a complete two-process run."""
+    from types import SimpleNamespace
+
+    from revformer import trainer
+
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(trainer.time, "sleep", lambda seconds: calls.append(("sleep", seconds)))
+    accelerator = SimpleNamespace(num_processes=2, trackers=[], end_training=lambda: calls.append(("teardown",)))
+    trainer.end_training(accelerator)
+    assert calls == [("sleep", trainer.GLOO_SETTLE_S), ("teardown",)]
+    calls.clear()
+    accelerator.num_processes = 1  # one process: no process group, nothing to wait for
+    trainer.end_training(accelerator)
+    assert calls == [("teardown",)]
