@@ -7,7 +7,9 @@ some parameter's ``.grad`` when the step ends are gradients; everything else is 
 allocation is labelled by where it was made: its Python frames (revformer/, benchmarks/, transformers/,
 torch.utils.checkpoint) and nn.Modules, its innermost aten op and, for an allocation made by an autograd node in
 backward, the frames of the forward op that created that node (matched by sequence number).
-`RULES` maps those to categories; the first rule that matches wins, and what none matches is "other".
+`RULES` maps those to categories; the first rule that matches wins, and what none matches is "other". One label
+goes by lifetime instead: a tensor of the stream's shape that a reversible re-run made and that outlives it is the
+gradient the re-run hands back for the stream it read ("stream gradients"), whichever sublayer made it.
 
 The figure of merit is bytes per token and hidden unit: peak activation bytes / (batch x tokens x hidden size), and
 the same for the peak of the flat part, everything but the loss chunk (whose size does not grow with the sequence):
@@ -32,7 +34,9 @@ _FEED_FORWARD = r"module:(RevformerFeedForward|LlamaMLP)$|reversible\.py:(_chunk
 _LOSS = r"revformer/loss\.py:|benchmarks/models\.py:chunked_causal_lm_loss$|transformers/loss/"
 _MASK = r"transformers/masking_utils\.py:|revformer/attention\.py:(attention_inputs|\w*allowed)$"
 _STREAM_ARITHMETIC = (r"^revformer/reversible\.py:(add|subtract|join|unjoin|scaled_join|scaled_unjoin|encode|decode|"
-                      r"read|to_grid|grid_steps|_residue_steps|_scaled_join_by_rows|rows|by_rows|forward_blocks)$")
+                      r"read|to_grid|grid_steps|_residue_steps|_scaled_join_by_rows|rows|by_rows|forward_blocks|"
+                      r"park|unpark)$")
+STREAM_GRADIENTS = "stream gradients"
 
 # (category, innermost-frame pattern or None, patterns that must each match some entry of the allocation's context).
 # Context entries, innermost first: "path/file.py:function" frames, "module:Class" nn.Modules, "op:name" ops; the
@@ -50,7 +54,8 @@ RULES: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
     ("re-run: attention", None, (_RERUN, _ATTENTION)),
     ("re-run: feed-forward", None, (_RERUN, _FEED_FORWARD)),
     ("re-run: bdia layer sum", None, (_RERUN, r"module:RevformerBDIALayer$|modeling_revformer\.py:update$")),
-    ("stream gradients", r"^revformer/reversible\.py:(backward|_rerun)$", (r"^op:ReversibleStackBackward",)),
+    (STREAM_GRADIENTS, r"^revformer/reversible\.py:(backward|_rerun)$", (r"^op:ReversibleStackBackward",)),
+    (STREAM_GRADIENTS, r"^revformer/reversible\.py:_own_copy$", ()),  # the engine's copy of the arriving gradient
     ("re-run: other", None, (_RERUN,)),
     ("saved RNG states", r"^revformer/reversible\.py:__init__$|^torch/utils/checkpoint\.py:", ()),
     # Llama + activation checkpointing
@@ -107,6 +112,12 @@ def _own_context(event: Any) -> list[str]:
                 entries.append(f"{match[1]}:{match[2]}")
         parent = parent.parent
     return entries
+
+
+def _frame_name(name: str) -> str:
+    """"path/file.py:function" for a Python call event's name, else ""."""
+    match = _FRAME.search(name)
+    return f"{match[1]}:{match[2]}" if match else ""
 
 
 class _Origins:
@@ -281,6 +292,20 @@ def activation_timeline(step: Callable[[], Any], *, params: Iterable[Any], token
     for k, (_, shape) in _tensor_shapes(ops, loss).items():
         if math.prod(shape) == tokens * hidden_size:
             labels[k] = LOSS_HIDDEN_GRADIENT
+    # What a re-run makes and hands back to the engine is the gradient of the stream it read (its sublayer's input
+    # gradient, made inside the sublayer): an allocation of a re-run, of the stream's shape, alive after it returned.
+    reruns = [(e.start_time_ns, e.end_time_ns) for e in _tree(prof.profiler.kineto_results.experimental_event_tree())
+              if e.tag == _EventType.PyCall and re.search(_RERUN, _frame_name(e.name))]
+    freed = {key(e): e.start_time_ns for e in allocations if e.extra_fields.alloc_size < 0}
+    handed_back = {}
+    for e in allocations:
+        k = key(e)
+        made_in_rerun = e.extra_fields.alloc_size > 0 and labels.get(k, "").startswith("re-run:")
+        if made_in_rerun and any(start <= e.start_time_ns <= end < freed.get(k, math.inf) for start, end in reruns):
+            handed_back[k] = sizes[k]
+    for k, (_, shape) in _tensor_shapes(ops, handed_back).items():
+        if math.prod(shape) == tokens * hidden_size and shape[-1] == hidden_size:
+            labels[k] = STREAM_GRADIENTS
 
     live_act = live_flat = live_grad = peak_act = peak_flat = peak_total = 0
     peak_index = flat_index = 0

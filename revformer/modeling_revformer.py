@@ -41,12 +41,15 @@ from .configuration_revformer import RevformerConfig
 from .loss import Teacher, causal_lm_loss
 from .reversible import (
     StreamArithmetic,
+    UpstreamGradient,
+    chunk_slices,
     chunked,
     forward_blocks,
     reconstruct_inputs,
     reversible_stack,
     split_output,
     stream_arithmetic,
+    take_upstream_gradient,
 )
 
 logger = logging.get_logger(__name__)
@@ -277,14 +280,101 @@ class RevformerFeedForward(nn.Module):
         out = self.dropout(self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)))
         return out if isinstance(scale, float) and scale == 1.0 else out * scale
 
-    def forward(self, x: Tensor, *aux: Tensor | None, scale: float | Tensor = 1.0, into: Tensor | None = None
-                ) -> Tensor:
+    def forward(self, x: Tensor, *aux: Tensor | None, scale: float | Tensor = 1.0, into: Tensor | None = None,
+                attention_output: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
         """`scale * G(x)` (`scale`: a number, or per-sequence factors of shape (B, 1, 1)), plus `into` if given (a long
         sequence's chunks are then added to it in place: no separate output buffer); `aux` (what the engine hands
-        every sublayer: rotary tables, masks) is not needed here."""
+        every sublayer: rotary tables, masks) is not needed here. With `attention_output` a, the end of a `bdia`
+        layer instead: `keep * x + scale * a + scale * G(x + a)`, or `a + G(x + a)` (`bdia_tail`). A call, not a
+        method of its own, so that what wraps the module's call (FSDP2 gathering its parameters) wraps this too."""
         plain = isinstance(scale, float) and scale == 1.0
+        if attention_output is not None:
+            return self.bdia_tail(x, attention_output, keep, None if plain else scale)
         fn = self.forward_chunk if plain else lambda x: self.forward_chunk(x, scale)
         return chunked(fn, x, self.chunk_size, [p for p in self.parameters() if p.requires_grad], into=into)
+
+    def tail_chunk(self, x: Tensor, a: Tensor, keep: Tensor | None, step: Tensor | None) -> Tensor:
+        """`keep * x + step * a + step * G(x + a)` at some positions (`keep`, `step` None: `a + G(x + a)`, the first
+        layer's), what a `bdia` layer adds to the stream."""
+        g = self.forward_chunk(x + a, 1.0 if step is None else step)
+        return a + g if keep is None else torch.addcmul(keep * x, step, a).add_(g)
+
+    def bdia_tail(self, x: Tensor, a: Tensor, keep: Tensor | None = None, step: Tensor | None = None) -> Tensor:
+        """`keep * x + step * a + step * G(x + a)` (`keep`, `step`: per-sequence factors (B, 1, 1), or None for
+        `a + G(x + a)`) over the whole sequence, `chunk_size` positions at a time, written over `a` where its dtype
+        allows (the attention output is needed by nothing else): neither `x + a` nor the sum is held whole beside it.
+        With grad, the reversible re-run (which announced the output's gradient) gets each chunk's gradients with its
+        output (`BDIATail`); the plain path differentiates the two terms and the feed-forward, chunked and recomputed
+        in backward. Without grad (the forward pass, whose output the re-run must reproduce bit for bit) the same
+        chunks run as in the re-run."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or params):
+            hint = take_upstream_gradient(a.shape)
+            if hint is not None:
+                return BDIATail.apply(self, hint, x, a, keep, step, *params)
+            if keep is None:
+                return self.forward(x + a, into=a)
+            h, rest = BDIATerms.apply(x, a, keep, step)
+            return self.forward(h, scale=step, into=rest)
+        out = _tail_output(x, a)
+        for p in chunk_slices(x.shape[1], self.chunk_size):
+            out[:, p] = self.tail_chunk(x[:, p], a[:, p], keep, step)
+        return out
+
+
+def _tail_output(x: Tensor, a: Tensor) -> Tensor:
+    """Where the tail goes: over `a` when it has the result's dtype and owns its memory, else a new tensor."""
+    dtype = torch.promote_types(x.dtype, a.dtype)
+    return a if a.dtype == dtype and not a._is_view() else torch.empty_like(a, dtype=dtype)
+
+
+class BDIATail(torch.autograd.Function):
+    """`RevformerFeedForward.bdia_tail` in a reversible re-run: each chunk's output and its gradients come together,
+    with the announced gradient of the output (`upstream_gradient`), so the backward has nothing to recompute and
+    keeps only the gradient of `x + a` (whole-sequence), from which it makes those of x and a.
+
+    Call as `BDIATail.apply(feed_forward, hint, x, a, keep, step, *params)`. Nothing is saved to recompute from: the
+    engine back-propagates exactly the gradient it announced, and any other gradient is an error."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, feed_forward: RevformerFeedForward, hint: UpstreamGradient, x: Tensor, a: Tensor,
+        keep: Tensor | None, step: Tensor | None, *params: Tensor,
+    ) -> Tensor:
+        out = _tail_output(x, a)
+        if out is a:
+            ctx.mark_dirty(a)
+        h_grad = torch.empty_like(x, dtype=torch.promote_types(x.dtype, a.dtype))
+        param_grads: list[Tensor | None] = [None] * len(params)
+        out_grad = hint.to(out.dtype)
+        for p in chunk_slices(x.shape[1], feed_forward.chunk_size):
+            with torch.enable_grad():  # the same arithmetic as tail_chunk, with the feed-forward's input a leaf
+                h = (x[:, p] + a[:, p]).detach().requires_grad_()
+                g = feed_forward.forward_chunk(h, 1.0 if step is None else step)
+            found = torch.autograd.grad(g, [h, *params], hint.to(g.dtype)[:, p], allow_unused=True)
+            h_grad[:, p] = found[0]
+            for i, grad in enumerate(found[1:]):
+                if grad is not None:
+                    param_grads[i] = grad if param_grads[i] is None else param_grads[i].add_(grad)
+            g = g.detach()
+            out[:, p] = a[:, p] + g if keep is None else torch.addcmul(keep * x[:, p], step, a[:, p]).add_(g)
+            del g, h
+        ctx.factors = (keep, step)  # (B, 1, 1) each, or None
+        ctx.out_grad, ctx.h_grad, ctx.param_grads = out_grad, h_grad, param_grads
+        ctx.dtypes = (x.dtype, a.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if grad is not ctx.out_grad:
+            raise RuntimeError("A bdia layer's fused tail received a gradient other than the one the reversible "
+                               "engine announced; its output must be the layer's output, unmodified.")
+        (keep, step), h_grad, param_grads = ctx.factors, ctx.h_grad, ctx.param_grads
+        ctx.out_grad = ctx.h_grad = ctx.param_grads = None
+        a_grad = (h_grad + grad if step is None else torch.addcmul(h_grad, step, grad)).to(ctx.dtypes[1])
+        # d(x + a) is no longer needed: x's gradient goes over it
+        x_grad = (h_grad if keep is None else h_grad.addcmul_(keep, grad)).to(ctx.dtypes[0])
+        return None, None, x_grad, a_grad, None, None, *param_grads
 
 
 class RevformerBlock(GradientCheckpointingLayer):
@@ -347,9 +437,9 @@ class RevformerBDIALayer(GradientCheckpointingLayer):
 
     gamma is drawn in `update`, +-`bdia_gamma` per sequence, in training, and the engine replays the RNG when it
     re-runs the layer, so the re-run draws the same gamma; out of training gamma = 0 and `p[l+1] = p + f(p)` is
-    Llama's block. The first layer is a standard block, `p[1] = p[-1] + f(p[0])` with `p[-1] = p[0]`. The scaled
-    feed-forward output is a term of the sum, so the gradient the engine announces for the output is exactly the one
-    that reaches it, and its chunks compute their gradients during the re-run (`chunked`).
+    Llama's block. The first layer is a standard block, `p[1] = p[-1] + f(p[0])` with `p[-1] = p[0]`. Everything
+    after the attention is position-wise, so the feed-forward computes the whole sum a chunk of tokens at a time
+    (`RevformerFeedForward.bdia_tail`), and in the reversible re-run each chunk's gradients with it.
     """
 
     def __init__(self, config: RevformerConfig, layer_idx: int) -> None:
@@ -362,18 +452,15 @@ class RevformerBDIALayer(GradientCheckpointingLayer):
         """What joins the stream two back: `f(x)` for the first layer, else `(out, gamma)` (gamma (B, 1, 1) fp32).
         `args`: what the attention takes besides `x` (rotary tables, masks, cache, attentions list)."""
         a = self.attention(x, *args)
-        if self.gamma is None:  # the feed-forward's chunks are added to `a` in place (see below)
-            return self.feed_forward(x + a, into=a)
+        if self.gamma is None:
+            return self.feed_forward(x, attention_output=a)
         if self.training:
             signs = torch.randint(0, 2, (x.shape[0], 1, 1), device=x.device).mul_(2).sub_(1)
             gamma = signs.to(torch.float32) * self.gamma
         else:
             gamma = x.new_zeros(x.shape[0], 1, 1, dtype=torch.float32)
-        step = (1.0 + gamma).to(x.dtype)
-        h, rest = BDIATerms.apply(x, a, (1.0 - gamma).to(x.dtype), step)
-        del a  # not saved: two stream-sized tensors beside the feed-forward's activations, not three
-        # The feed-forward's chunks are added to `rest` in place: no stream-sized buffer for its output.
-        return self.feed_forward(h, scale=step, into=rest), gamma
+        keep, step = (1.0 - gamma).to(x.dtype), (1.0 + gamma).to(x.dtype)
+        return self.feed_forward(x, attention_output=a, keep=keep, scale=step), gamma
 
     def forward(
         self, x1: Tensor, x2: Tensor, *aux: Tensor | None, cache: Cache | None = None,

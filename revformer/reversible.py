@@ -29,7 +29,9 @@ because the engine announces the gradient each re-run's output will receive (`up
 compute their outputs and gradients together, with no recompute. While a re-run's backward runs, the engine holds
 no more than it must: the stream the sublayer read is parked (`StreamArithmetic.park`: a fixed-point stream as the
 fp32 copy the sublayer reads anyway plus an int32 correction), and the sublayer's output, once the stream below has
-been rebuilt from it, is freed unless autograd saved it (`SavedStorages`).
+been rebuilt from it, is freed unless autograd saved it (`SavedStorages`). The gradient of the newest stream is
+carried in place through the backward, in a copy that a hook makes of the gradient arriving there (autograd holds the
+arriving one until the backward returns); in the forward, the encoded input streams are the first joins' to overwrite.
 
 Parameters are inputs of the Function and their gradients are its outputs (computed with `torch.autograd.grad`,
 never `.backward()` inside backward). Autograd therefore accumulates each parameter's gradient exactly once, through
@@ -44,6 +46,7 @@ Pure torch: this file goes to the Hub beside the model code and must not import 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -456,6 +459,19 @@ def _take_upstream_gradient() -> UpstreamGradient | None:
     return hint
 
 
+def take_upstream_gradient(output_shape: Sequence[int]) -> UpstreamGradient | None:
+    """The gradient announced for the output of the sublayer being called, if there is one and it is for an output
+    of `output_shape`'s (batch, tokens): a function that computes the sublayer's output a chunk at a time can then
+    compute its gradients with it (`chunked` does). Taken at most once per call."""
+    hint = _take_upstream_gradient()
+    return hint if hint is not None and tuple(hint.grad.shape[:2]) == tuple(output_shape[:2]) else None
+
+
+def chunk_slices(length: int, chunk_size: int) -> list[slice]:
+    """The pieces `chunked` splits `length` positions into (one piece when `chunk_size` <= 0)."""
+    return _pieces(length, chunk_size if chunk_size > 0 else max(1, length))
+
+
 class ChunkedFunction(torch.autograd.Function):
     """`fn(x, *aligned)` computed `chunk_size` positions at a time along dim 1, so that `fn`'s intermediate
     activations exist for one chunk at a time, in forward and in backward. `fn` must be position-wise; `aligned` are
@@ -650,7 +666,7 @@ class SavedStorages(torch.autograd.graph.saved_tensors_hooks):
 
         super().__init__(pack, lambda t: t)
 
-    def __enter__(self) -> SavedStorages:
+    def __enter__(self) -> SavedStorages:  # noqa: PYI034 (typing.Self needs Python 3.11; this file goes to the Hub)
         super().__enter__()
         return self
 
@@ -677,23 +693,41 @@ def forward_blocks(
 
     With an arithmetic of finite `limit` (fixed point) it raises when a stream leaves the exactly representable range.
     """
+    return _forward_blocks([x1, x2], [False, False], blocks, aux, arithmetic, capture_rng)
+
+
+def _forward_blocks(
+    streams: list[Tensor],
+    owned: list[bool],
+    blocks: Sequence[nn.Module],
+    aux: Sequence[Tensor | None],
+    arithmetic: StreamArithmetic,
+    capture_rng: bool,
+) -> tuple[Tensor, Tensor, Contexts]:
+    """`forward_blocks` taking the two streams out of `streams` (which it empties, so the caller holds no reference
+    to them), `owned[i]` saying whether stream i is only the caller's copy, which the joins may then overwrite."""
+    x1, x2 = streams
+    streams.clear()
+    own1, own2 = owned
+    # A stream fed to both (x1 is x2) is not overwritten by the first join: its partner still reads it. Once that
+    # join has replaced x1, the second may overwrite it.
+    own1 = own1 and x1 is not x2
     contexts: Contexts = []
     # The extremes of every stream value are gathered on the device and checked once after the loop: one host sync
     # per forward, not one per sublayer. An inexact add can only yield a value >= limit, so checking results suffices.
     check = math.isfinite(arithmetic.limit)
     extremes = [_extremes(x1), _extremes(x2)] if check else []
-    owned = False  # whether the streams are this loop's own, to overwrite (not the caller's inputs)
     with torch.no_grad():
         for block in blocks:
             f_ctx = ForwardContext(x1.device, capture_rng)
             # y1 = x1 + F(x2), then y2 = x2 + G(y1)
             out = split_output(block.f(arithmetic.read(x2), *aux))
-            x1, f_ctx.residue = arithmetic.join(x1, *out, inplace=owned)
+            x1, f_ctx.residue = arithmetic.join(x1, *out, inplace=own1)
             g_ctx = ForwardContext(x1.device, capture_rng)
             out = split_output(block.g(arithmetic.read(x1), *aux))
-            x2, g_ctx.residue = arithmetic.join(x2, *out, inplace=owned)
+            x2, g_ctx.residue = arithmetic.join(x2, *out, inplace=own2)
             del out
-            owned = True
+            own1 = own2 = True  # from here on, streams the joins made
             contexts.append((f_ctx, g_ctx))
             if check:
                 extremes += [_extremes(x1), _extremes(x2)]
@@ -758,10 +792,11 @@ class ReversibleStack(torch.autograd.Function):
         *aux_and_params: Tensor,
     ) -> tuple[Tensor, Tensor]:
         aux = aux_and_params[:num_aux]
-        e1 = arithmetic.encode(x1) if encode else x1
-        e2 = e1 if x2 is x1 else arithmetic.encode(x2) if encode else x2
-        y1, y2, contexts = forward_blocks(e1, e2, blocks, aux, arithmetic, capture_rng)
-        del e1, e2
+        streams = [arithmetic.encode(x1) if encode else x1]
+        streams.append(streams[0] if x2 is x1 else arithmetic.encode(x2) if encode else x2)
+        # The encoded copies are the engine's own: the first joins may write over them, and nothing else keeps them.
+        owned = [s is not x for s, x in zip(streams, (x1, x2))]
+        y1, y2, contexts = _forward_blocks(streams, owned, blocks, aux, arithmetic, capture_rng)
         ctx.blocks, ctx.arithmetic, ctx.contexts = blocks, arithmetic, contexts
         ctx.num_aux = num_aux
         ctx.sharded = is_sharded(blocks)  # then no parameters were handed in: FSDP reduces their gradients
@@ -777,6 +812,7 @@ class ReversibleStack(torch.autograd.Function):
         out1, out2 = arithmetic.decode(y1), arithmetic.decode(y2)
         ctx.grad_dtype = out2.dtype
         ctx.owned = out1 is not y1 and out2 is not y2  # decoded copies: the top streams are the engine's alone
+        ctx.owned_gradients: set[int] = set()  # data pointers of arriving gradients that are the engine's own copies
         return out1, out2
 
     @staticmethod
@@ -791,8 +827,13 @@ class ReversibleStack(torch.autograd.Function):
         aux = ctx.saved_tensors
         arithmetic: StreamArithmetic = ctx.arithmetic
         dtype = ctx.grad_dtype
-        dy1 = dy1.to(dtype) if dy1 is not None else None
+        arrived = dy2
         dy2 = dy2.to(dtype) if dy2 is not None else torch.zeros_like(y2, dtype=dtype)
+        dy1 = dy1.to(dtype) if dy1 is not None else None
+        # dL/dy2 is updated in place when its memory is the engine's: a cast or zeros made here, or the copy that
+        # `reversible_stack`'s hook made of the arriving gradient (autograd holds the gradient it passes in until this
+        # backward returns, so a copy made here would sit beside it). Anything else may be read by someone else.
+        own_dy2 = dy2 is not arrived or dy2.data_ptr() in ctx.owned_gradients
         param_grads: list[list[Tensor]] = []
         owned = ctx.owned  # rebuild each stream over the one above it, unless that one is an output's memory
         for block, (f_ctx, g_ctx) in zip(reversed(ctx.blocks), reversed(ctx.contexts)):
@@ -808,10 +849,15 @@ class ReversibleStack(torch.autograd.Function):
             param_grads.append(f_grads + g_grads)
             # y1 = x1 + F(x2) passes dL/dy1 through to x1 (times keep for a scaled join y1 = keep * x1 + F(x2))
             dx1 = dy1 if keep_f is None else dy1 * keep_f.to(dtype)
-            passed = dy2 if keep_g is None else dy2 * keep_g.to(dtype)
-            # In place on the re-run's fresh gradient, unless autograd handed back a gradient it was given.
-            dx2 = dx2_from_f + passed if _aliases(dx2_from_f, dy1, dy2) else dx2_from_f.add_(passed)
-            del passed
+            # Over dL/dy2, which nothing reads any more, unless autograd handed it back as another gradient.
+            if own_dy2 and not _aliases(dy2, dx2_from_f, dx1, *f_grads, *g_grads):
+                dx2 = (dy2 if keep_g is None else dy2.mul_(keep_g.to(dtype))).add_(dx2_from_f)
+            else:
+                passed = dy2 if keep_g is None else dy2 * keep_g.to(dtype)
+                # In place on the re-run's fresh gradient, unless autograd handed back a gradient it was given.
+                dx2 = dx2_from_f + passed if _aliases(dx2_from_f, dy1, dy2) else dx2_from_f.add_(passed)
+                del passed
+            own_dy2 = True  # from here on dL/dy2 is a gradient the engine made
             y1, y2, dy1, dy2 = x1, x2, dx1, dx2
             del x1, x2, dx1, dx2, dx2_from_f
 
@@ -856,6 +902,17 @@ def reversible_stack(
     """
     # FSDP2 swaps gathered parameters in and out of the sublayers around each call, so sharded blocks keep theirs.
     params = [] if is_sharded(blocks) else reversible_params(blocks)
-    return ReversibleStack.apply(
+    y1, y2 = ReversibleStack.apply(
         x1, x2, tuple(blocks), arithmetic or StreamArithmetic(), capture_rng, encode, len(aux), *aux, *params
     )
+    if y2.requires_grad:
+        y2.register_hook(functools.partial(_own_copy, y2.grad_fn.owned_gradients))
+    return y1, y2
+
+
+def _own_copy(owned: set[int], grad: Tensor) -> Tensor:
+    """A copy of the gradient arriving at the stack's output, which autograd passes on instead of the original (then
+    freed): the engine may update it in place through the backward (see `ReversibleStack.backward`)."""
+    copy = grad.clone()
+    owned.add(copy.data_ptr())
+    return copy

@@ -211,3 +211,41 @@ def test_a_parked_stream_is_its_fp32_read_and_an_int32_correction(fraction_bits)
     assert torch.equal(stream, original)
     # Float streams are read as they are: nothing to park.
     assert StreamArithmetic().park(original, original) is None
+
+
+class RecordingArithmetic(FixedPointArithmetic):
+    """Fixed-point streams that keep a copy of every stream the engine's forward joins an output to, and of every
+    stream its backward rebuilds."""
+
+    def __init__(self, keep_bits: int) -> None:
+        super().__init__(32, keep_bits)
+        self.joined: list[torch.Tensor] = []
+        self.rebuilt: list[torch.Tensor] = []
+
+    def join(self, stream, out, keep=None, invertible=True, inplace=False):
+        self.joined.append(stream.clone())
+        return super().join(stream, out, keep, invertible, inplace)
+
+    def unjoin(self, y, out, keep=None, residue=None, inplace=False):
+        stream = super().unjoin(y, out, keep, residue, inplace)
+        self.rebuilt.append(stream.clone())  # a copy: the engine rebuilds the next stream over this one
+        return stream
+
+
+@pytest.mark.parametrize("coupling, chunk, dropout, autocast", [
+    ("bdia", 8, 0.0, False), ("bdia", 8, 0.1, True), ("bdia", 0, 0.0, True), ("sublayer", 8, 0.1, True),
+])
+def test_backward_rebuilds_every_stream_bit_for_bit(coupling, chunk, dropout, autocast):
+    """Inside the engine's backward, each re-run reproduces its forward output bit for bit (chunked feed-forward,
+    dropout, bf16 autocast), so every stream it rebuilds equals the one the forward joined, exactly."""
+    model = build(5, coupling=coupling, stream_dtype="fixed_point", chunk_size_feed_forward=chunk,
+                  hidden_dropout=dropout, attention_dropout=dropout)
+    arithmetic = RecordingArithmetic(model.config.bdia_keep_bits or 1)
+    model.model.streams = arithmetic
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        model(ids, labels=ids).loss.backward()
+    units = 5 if coupling == "sublayer" else 3  # bdia runs pairs of layers: a no-update partner, then 2 + 2
+    assert len(arithmetic.joined) == len(arithmetic.rebuilt) == 2 * units
+    for joined, rebuilt in zip(arithmetic.joined, reversed(arithmetic.rebuilt)):
+        assert torch.equal(joined, rebuilt)

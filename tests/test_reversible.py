@@ -246,3 +246,45 @@ def test_a_rerun_output_is_freed_before_backward_only_when_nothing_saved_it():
     grad = torch.ones(4, 8)
     (expected,) = torch.autograd.grad(torch.tanh(linear(x)) + linear(x) * 2.0, x, grad)
     assert torch.allclose(torch.autograd.grad((kept, free), x, (grad, grad))[0], expected)
+
+
+class Shift(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift
+
+
+class PassThroughBlock(nn.Module):
+    """F a linear layer, G adds a scalar: autograd hands G's output gradient back unchanged as its input gradient."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.f, self.g = nn.Linear(width, width), Shift()
+
+
+def test_gradients_the_engine_updates_in_place_are_its_own():
+    """The engine updates dL/dy2 in place, in the copy its hook made of the arriving gradient: a gradient autograd
+    hands back unchanged (G's input gradient here is dL/dy2 itself) is never overwritten."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(PassThroughBlock(8) for _ in range(3)).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    _, y2 = reversible_stack(x, x, blocks, capture_rng=False)  # no gradient reaches y1: G's is dL/dy1
+    arriving = torch.randn(2, 5, 8, dtype=torch.float64)
+    kept = arriving.clone()
+    y2.backward(arriving)
+    assert torch.equal(arriving, kept)  # the caller's gradient is untouched
+    rev_grads = [p.grad.clone() for p in blocks.parameters()] + [x.grad.clone()]
+
+    blocks.zero_grad(set_to_none=True)
+    x.grad = None
+    x1 = x2 = x
+    for block in blocks:
+        x1 = x1 + block.f(x2)
+        x2 = x2 + block.g(x1)
+    x2.backward(arriving)
+    plain_grads = [p.grad for p in blocks.parameters()] + [x.grad]
+    for a, b in zip(rev_grads, plain_grads):
+        assert relative_error(a, b) < 1e-12
