@@ -18,6 +18,7 @@ what a longer sequence costs per token. The two peaks can fall at different mome
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -293,16 +294,25 @@ def activation_timeline(step: Callable[[], Any], *, params: Iterable[Any], token
         if math.prod(shape) == tokens * hidden_size:
             labels[k] = LOSS_HIDDEN_GRADIENT
     # What a re-run makes and hands back to the engine is the gradient of the stream it read (its sublayer's input
-    # gradient, made inside the sublayer): an allocation of a re-run, of the stream's shape, alive after it returned.
-    reruns = [(e.start_time_ns, e.end_time_ns) for e in _tree(prof.profiler.kineto_results.experimental_event_tree())
-              if e.tag == _EventType.PyCall and re.search(_RERUN, _frame_name(e.name))]
+    # gradient, made inside the sublayer): an allocation of a re-run, of the stream's shape, still alive when the
+    # next re-run starts (its output, also made there, is gone by then).
+    calls = [e for e in _tree(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.PyCall]
+    reruns = sorted((e.start_time_ns, e.end_time_ns) for e in calls if re.search(_RERUN, _frame_name(e.name)))
+    starts = [start for start, _ in reruns]
+    # the engine's backward: a `backward` of reversible.py that runs re-runs (ChunkedFunction's runs inside them)
+    stack_ends = [e.end_time_ns for e in calls if _frame_name(e.name) == "revformer/reversible.py:backward"
+                  and any(e.start_time_ns < start and end < e.end_time_ns for start, end in reruns)]
+    # when the gradient of a re-run must still be alive: the next re-run's start, or the end of the engine's backward
+    deadlines = [min([t for t in (*starts[i + 1:i + 2], *stack_ends) if t > end], default=math.inf)
+                 for i, (_, end) in enumerate(reruns)]
     freed = {key(e): e.start_time_ns for e in allocations if e.extra_fields.alloc_size < 0}
     handed_back = {}
     for e in allocations:
         k = key(e)
-        made_in_rerun = e.extra_fields.alloc_size > 0 and labels.get(k, "").startswith("re-run:")
-        if made_in_rerun and any(start <= e.start_time_ns <= end < freed.get(k, math.inf) for start, end in reruns):
-            handed_back[k] = sizes[k]
+        if e.extra_fields.alloc_size > 0 and labels.get(k, "").startswith("re-run:"):
+            i = bisect.bisect_right(starts, e.start_time_ns) - 1  # the re-run it was made in
+            if i >= 0 and freed.get(k, math.inf) > deadlines[i]:
+                handed_back[k] = sizes[k]
     for k, (_, shape) in _tensor_shapes(ops, handed_back).items():
         if math.prod(shape) == tokens * hidden_size and shape[-1] == hidden_size:
             labels[k] = STREAM_GRADIENTS
