@@ -497,9 +497,7 @@ class ChunkedFunction(torch.autograd.Function):
         aligned, params = aligned_and_params[:num_aligned], aligned_and_params[num_aligned:]
         ctx.fn, ctx.chunk_size, ctx.num_aligned = fn, chunk_size, num_aligned
         ctx.replay_ctx = ForwardContext(x.device, capture_rng=True)
-        hint = _take_upstream_gradient() if fuse else None
-        if hint is not None and hint.grad.shape[:2] != x.shape[:2]:
-            hint = None  # announced for an output of another shape: not ours
+        hint = take_upstream_gradient(x.shape) if fuse else None  # None if announced for another shape: not ours
         wanted = ctx.needs_input_grad[4:5] + ctx.needs_input_grad[6 + num_aligned :]
         if into is not None:
             ctx.mark_dirty(into)
