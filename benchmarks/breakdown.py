@@ -52,6 +52,8 @@ RULES: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
     # revformer's reversible engine: the bits a scaled (bdia) join keeps, the streams, the re-run sublayers
     ("bdia residue", None, (r"^revformer/reversible\.py:pack_residue$",)),
     ("streams", _STREAM_ARITHMETIC, ()),
+    # query-chunked attention's whole-sequence keys and values, and their gradients
+    ("re-run: attention keys, values", r"^revformer/modeling_revformer\.py:_key_value_buffers$", (_RERUN,)),
     ("re-run: attention", None, (_RERUN, _ATTENTION)),
     ("re-run: feed-forward", None, (_RERUN, _FEED_FORWARD)),
     ("re-run: bdia layer sum", None, (_RERUN, r"module:RevformerBDIALayer$|modeling_revformer\.py:update$")),

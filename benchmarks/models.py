@@ -84,7 +84,8 @@ class Spec:
     batch_size: int = 1
     attention: str = "full"  # revformer's kernel: full | local | lsh (Reformer: lsh, else local)
     attn_chunk: int = 128  # local / lsh chunk length (revformer and Reformer)
-    chunk: int | None = None  # revformer chunk_size_feed_forward and loss_chunk_size (0 = none, None = defaults)
+    chunk: int | None = None  # revformer chunk_size_feed_forward and loss_chunk_size (0 = none, and no attention
+    # query chunks; None = defaults)
     ff_chunk: int | None = None  # chunk_size_feed_forward alone, overriding `chunk` (Reformer: its FF chunk)
     loss_chunk: int | None = None  # loss_chunk_size alone, overriding `chunk` (Reformer: its LM-head chunk)
     device: str = "cpu"
@@ -143,7 +144,8 @@ def build_model(spec: Spec) -> Any:
         from revformer.conversion import BDIA_GAMMA
 
         chunks = {"chunk_size_feed_forward": spec.chunk if spec.ff_chunk is None else spec.ff_chunk,
-                  "loss_chunk_size": spec.chunk if spec.loss_chunk is None else spec.loss_chunk}
+                  "loss_chunk_size": spec.chunk if spec.loss_chunk is None else spec.loss_chunk,
+                  "chunk_size_attention": 0 if spec.chunk == 0 else None}
         # revformer_bdia*: the coupling convert.py produces (a Llama block stack out of training), from scratch
         bdia = {"coupling": "bdia", "stream_dtype": "fixed_point",
                 "bdia_gamma": BDIA_GAMMAS.get(spec.model) or BDIA_GAMMA}

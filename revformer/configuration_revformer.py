@@ -33,6 +33,11 @@ class RevformerConfig(PreTrainedConfig):
             (tokens, intermediate_size) activations never exist for a whole long sequence, in forward or backward,
             and so does the attention's position-wise part (normalisation, projections, rotary); shorter sequences
             run in one piece (0 = never chunk). Results do not depend on it.
+        chunk_size_attention (`int`, defaults to 256): causal `full` attention (sdpa or eager) takes this many
+            queries at a time against the keys before them, and its backward recomputes each chunk, so a long
+            sequence's queries, attention outputs and their gradients never exist whole, only its keys and values
+            (0 = whole sequence). Runs without a cache, attention dropout or sequence parallelism; results agree with
+            the whole-sequence kernel to float rounding.
         loss_chunk_size (`int`, defaults to 256): with labels for more positions (batch x length) than this, the LM
             head and cross-entropy run this many positions at a time and full logits never exist (0 = never chunk).
         stream_dtype (`str`): `float32` residual streams, or `fixed_point`: streams on a grid of
@@ -101,6 +106,7 @@ class RevformerConfig(PreTrainedConfig):
     lsh_seed: int = 0
     # Memory options, on by default: they leave short sequences alone and cost little on long ones (README).
     chunk_size_feed_forward: int = 1024
+    chunk_size_attention: int = 256
     loss_chunk_size: int = 256
     stream_dtype: str = "float32"
     stream_fraction_bits: int = 32
@@ -219,8 +225,9 @@ class RevformerConfig(PreTrainedConfig):
             raise ValueError(f"RevformerConfig.lsh_num_buckets must be 1 or an even number, got {self.lsh_num_buckets}.")
         if self.local_num_chunks_before < 0:
             raise ValueError("RevformerConfig.local_num_chunks_before must be >= 0.")
-        if self.chunk_size_feed_forward < 0 or self.loss_chunk_size < 0:
-            raise ValueError("Chunk sizes (chunk_size_feed_forward, loss_chunk_size) must be >= 0 (0 = no chunking).")
+        if min(self.chunk_size_feed_forward, self.chunk_size_attention, self.loss_chunk_size) < 0:
+            raise ValueError("Chunk sizes (chunk_size_feed_forward, chunk_size_attention, loss_chunk_size) must be "
+                             ">= 0 (0 = no chunking).")
         if self.stream_dtype not in STREAM_DTYPES:
             raise ValueError(f"RevformerConfig.stream_dtype must be one of {STREAM_DTYPES}, got {self.stream_dtype!r}.")
         if not 8 <= self.stream_fraction_bits <= 40:

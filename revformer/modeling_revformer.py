@@ -15,7 +15,7 @@ streams. Either way the newest stream is the hidden state, normalized and projec
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from .attention import (
 from .configuration_revformer import RevformerConfig
 from .loss import Teacher, causal_lm_loss
 from .reversible import (
+    ForwardContext,
     StreamArithmetic,
     UpstreamGradient,
     chunk_slices,
@@ -149,6 +150,9 @@ class RevformerAttention(nn.Module):
     """
 
     sequence_parallel = None  # a `SequenceParallel` while one sequence spans several ranks
+    # The `sublayer` coupling's attention is a whole sublayer of the reversible engine: the gradient the engine
+    # announces is its output's. Inside a `bdia` layer it is not (that layer sets False).
+    is_whole_sublayer = True
 
     def __init__(self, config: RevformerConfig, layer_idx: int) -> None:
         super().__init__()
@@ -200,6 +204,49 @@ class RevformerAttention(nn.Module):
         keys = [] if self.k_proj is None else [heads(self.k_proj, self.k_norm)]
         return torch.cat([heads(self.q_proj, self.q_norm), *keys, heads(self.v_proj, rotate=False)], dim=2)
 
+    def chunks_queries(self, x: Tensor, cache: Cache | None = None, attentions: list | None = None) -> bool:
+        """Whether this call takes `config.chunk_size_attention` queries at a time (`QueryChunkedAttention`): causal
+        `full` attention under sdpa or eager, longer than a chunk, without a cache, probabilities, attention dropout
+        or sequence parallelism. On CUDA only without grouped key/value heads: torch's fused CUDA kernels take no
+        mask with grouped heads (they would fall back to the math kernel), which the CPU's flash kernel does."""
+        c = self.config
+        return (
+            self.kind == "full" and 0 < c.chunk_size_attention < x.shape[1] and cache is None and attentions is None
+            and self.sequence_parallel is None and self.kernel_name() in ("sdpa", "eager")
+            and not (self.training and c.attention_dropout > 0)
+            and (x.device.type == "cpu" or self.num_kv_heads == self.num_heads)
+        )
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, key_padding_mask: Tensor | None,
+               document_ids: Tensor | None) -> Tensor:
+        """One chunk of `QueryChunkedAttention`: the queries q (B, L, H, D) of the last L positions of the keys and
+        values (B, t, H_kv, D) -> the layer's output at those positions (B, L, d), before dropout."""
+        t = keys.shape[1]
+        eager = self.kernel_name() == "eager"
+        out, _ = dense_attention(
+            eager_attention if eager else _sdpa_grouped, self, q.transpose(1, 2), keys.transpose(1, 2),
+            values.transpose(1, 2), kind="full", dropout_p=0.0, scale=self.scaling, config=self.config,
+            key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :t],
+            document_ids=None if document_ids is None else document_ids[:, :t],
+        )
+        return self.o_proj(out.reshape(*q.shape[:2], -1))
+
+    def query_chunked(self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None,
+                      document_ids: Tensor | None, tail: BDIATailSpec | None = None) -> Tensor:
+        """The attention (and `tail`, if given) a chunk of queries at a time: `QueryChunkedAttention`."""
+        modules = (self.norm, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)  # what project runs
+        project_params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+        output_params = [p for p in self.o_proj.parameters() if p.requires_grad]
+        tail_params = [] if tail is None else [p for p in tail.feed_forward.parameters() if p.requires_grad]
+        params = [*project_params, *output_params, *tail_params]
+        if not (torch.is_grad_enabled() and (x.requires_grad or params)):
+            return _attend_in_chunks(self, x, cos, sin, key_padding_mask, document_ids, tail)[0]
+        if tail is not None and tail.hint is None:
+            raise ValueError("A bdia layer's fused attention and feed-forward need the engine's announced gradient "
+                             "to run with grad.")
+        counts = (len(project_params), len(output_params))
+        return QueryChunkedAttention.apply(self, tail, counts, x, cos, sin, key_padding_mask, document_ids, *params)
+
     def kernel_name(self, output_attentions: bool = False) -> str:
         """The implementation this layer runs: `config._attn_implementation` for `full` layers, the layer's own
         kernel for `local`/`lsh` (dense "eager" under eager); "eager" whenever probabilities are asked for."""
@@ -217,10 +264,17 @@ class RevformerAttention(nn.Module):
         document_ids: Tensor | None = None,
         cache: Cache | None = None,
         attentions: list[Tensor] | None = None,
+        tail: BDIATailSpec | None = None,
     ) -> Tensor:
         """x (B, T, d) -> (B, T, d). key_padding_mask (B, T_past + T) bool; document_ids (B, T) (packed documents,
-        no cache); `attentions`, when a list, receives this layer's probabilities (B, H, T, T_past + T)."""
+        no cache); `attentions`, when a list, receives this layer's probabilities (B, H, T, T_past + T). `tail`: the
+        end of a `bdia` layer, computed with the attention in a reversible re-run (`RevformerFeedForward.forward`)."""
         batch, seq, _ = x.shape
+        if self.chunks_queries(x, cache, attentions):
+            out = self.query_chunked(x, cos, sin, key_padding_mask, document_ids, tail)
+            return out if tail is not None else self.dropout(out)
+        if tail is not None:
+            raise ValueError("A bdia tail rides only on query-chunked attention (see `chunks_queries`).")
         # The position-wise part runs a chunk of tokens at a time, so its normalisation, projection and rotary
         # temporaries exist for one chunk, in backward too (its output is not the sublayer's: it recomputes there).
         modules = (self.norm, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)  # what project runs
@@ -257,6 +311,215 @@ class RevformerAttention(nn.Module):
         return self.dropout(self.o_proj(out.reshape(batch, seq, -1)))
 
 
+def _sdpa_grouped(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+    """torch's sdpa under transformers' attention-interface signature, grouped key/value heads passed as they are
+    (`enable_gqa`) under a mask too, where transformers' sdpa repeats them: (B, Tq, H, D), no probabilities. No mask:
+    causal attention of square inputs."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         is_causal=attention_mask is None, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2), None
+
+
+class BDIATailSpec(NamedTuple):
+    """The end of a `bdia` layer, `keep * x + step * a + step * G(x + a)` (`RevformerFeedForward.bdia_tail`), for
+    `QueryChunkedAttention` to compute with the attention a: the feed-forward, the per-sequence factors (None in the
+    first layer: `a + G(x + a)`) and the gradient the reversible engine announced for the layer's output (None
+    without grad: the engine's forward pass, whose output the re-run reproduces bit for bit by the same chunks)."""
+
+    feed_forward: RevformerFeedForward
+    keep: Tensor | None
+    step: Tensor | None
+    hint: UpstreamGradient | None
+
+
+def _key_value_buffers(k: Tensor, v: Tensor, seq: int, gradients: bool = False) -> tuple[Tensor, Tensor]:
+    """Whole-sequence (B, T, H_kv, D) buffers shaped like a chunk's keys and values, or zeroed ones for their
+    gradients (in fp32 at least: they are summed over chunks)."""
+    if not gradients:
+        return k.new_empty(k.shape[0], seq, *k.shape[2:]), v.new_empty(v.shape[0], seq, *v.shape[2:])
+    dtype = torch.promote_types(k.dtype, torch.float32)
+    return torch.zeros_like(k, dtype=dtype), torch.zeros_like(v, dtype=dtype)
+
+
+def _attend_in_chunks(attention: RevformerAttention, x: Tensor, cos: Tensor, sin: Tensor,
+                      key_padding_mask: Tensor | None, document_ids: Tensor | None,
+                      tail: BDIATailSpec | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The attention's output (B, T, d) before dropout (with `tail`: the bdia layer's), one chunk of queries at a
+    time against the keys before them, and the keys and values (B, T, H_kv, D), which the chunks fill in order
+    (causal: a chunk needs no later key)."""
+    batch, seq, _ = x.shape
+    keys = values = out = None
+    for p in chunk_slices(seq, attention.config.chunk_size_attention):
+        q, k, v = attention.project(x[:, p], cos[:, p], sin[:, p]).split(attention.head_split, dim=2)
+        if keys is None:
+            keys, values = _key_value_buffers(k, v, seq)
+        keys[:, p], values[:, p] = k, v
+        y = attention.attend(q, keys[:, : p.stop], values[:, : p.stop], key_padding_mask, document_ids)
+        if tail is not None:
+            y = tail.feed_forward.tail_chunk(x[:, p], y, tail.keep, tail.step)
+        if out is None:
+            out = y.new_empty(batch, seq, y.shape[-1])
+        out[:, p] = y
+        del q, k, v, y
+    return out, keys, values
+
+
+def _keys_and_values(attention: RevformerAttention, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The keys and values (B, T, H_kv, D) of `_attend_in_chunks`, computed by the same chunks."""
+    seq = x.shape[1]
+    keys = values = None
+    for p in chunk_slices(seq, attention.config.chunk_size_attention):
+        _, k, v = attention.project(x[:, p], cos[:, p], sin[:, p]).split(attention.head_split, dim=2)
+        if keys is None:
+            keys, values = _key_value_buffers(k, v, seq)
+        keys[:, p], values[:, p] = k, v
+    return keys, values
+
+
+def _sum_into(sums: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
+    for i, grad in enumerate(grads):
+        if grad is not None:
+            sums[i] = grad if sums[i] is None else sums[i].add_(grad)
+
+
+def _attention_chunks_with_gradients(
+    attention: RevformerAttention, x: Tensor, cos: Tensor, sin: Tensor, masks: tuple[Tensor | None, Tensor | None],
+    keys: Tensor, values: Tensor, project_params: Sequence[Tensor], output_params: Sequence[Tensor],
+    chunk_grad: Callable[[slice, Tensor], Tensor], x_grad: Tensor,
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """The gradients of `_attend_in_chunks`, one chunk of queries at a time, last chunk first: the keys of a chunk
+    have then had the gradients of every query that sees them, and go back through the projections with the
+    chunk's queries. `chunk_grad(p, y)`: the gradient of the output at positions p, given the attention's output
+    there (y, no graph). x's gradient is added into `x_grad`; returns the projection and output parameters'."""
+    keys_grad, values_grad = _key_value_buffers(keys, values, keys.shape[1], gradients=True)
+    project_grads: list[Tensor | None] = [None] * len(project_params)
+    output_grads: list[Tensor | None] = [None] * len(output_params)
+    for p in reversed(chunk_slices(x.shape[1], attention.config.chunk_size_attention)):
+        with torch.enable_grad():
+            x_piece = x[:, p].detach().requires_grad_()
+            qkv = attention.project(x_piece, cos[:, p], sin[:, p])
+            q = qkv[:, :, : attention.num_heads].detach().requires_grad_()
+            k, v = (t[:, : p.stop].detach().requires_grad_() for t in (keys, values))
+            y = attention.attend(q, k, v, *masks)
+        y_grad = chunk_grad(p, y.detach()).to(y.dtype)
+        found = torch.autograd.grad(y, [q, k, v, *output_params], y_grad, allow_unused=True)
+        del y, y_grad
+        keys_grad[:, : p.stop] += found[1]
+        values_grad[:, : p.stop] += found[2]
+        _sum_into(output_grads, found[3:])
+        qkv_grad = torch.cat([found[0], keys_grad[:, p].to(q.dtype), values_grad[:, p].to(q.dtype)], dim=2)
+        del found
+        got = torch.autograd.grad(qkv, [x_piece, *project_params], qkv_grad, allow_unused=True)
+        x_grad[:, p] += got[0]
+        _sum_into(project_grads, got[1:])
+        del qkv, qkv_grad, got
+    return project_grads, output_grads
+
+
+class QueryChunkedAttention(torch.autograd.Function):
+    """Causal attention a chunk of `chunk_size_attention` queries at a time: a long sequence's queries, attention
+    outputs and their gradients exist for one chunk; what is whole is the keys and values, their gradients and x's
+    gradient.
+
+    Two ways to the gradients, as `ChunkedFunction` has:
+    - with the gradient of the output announced (the reversible engine's re-run of the `sublayer` coupling's
+      attention, or of a `bdia` layer), the forward computes the keys and values, then each chunk's output with its
+      gradients, last chunk first, and backward returns them: no recompute;
+    - otherwise backward recomputes each chunk (one more attention forward).
+
+    With a `tail` (a `bdia` layer), the output is the layer's: each chunk's feed-forward end comes with the chunk's
+    attention output, and the attention output's gradient is made a chunk at a time from the feed-forward's.
+
+    Call as `QueryChunkedAttention.apply(attention, tail, (n_project, n_output), x, cos, sin, key_padding_mask,
+    document_ids, *project_params, *output_params, *tail_params)`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, attention: RevformerAttention, tail: BDIATailSpec | None, counts: tuple[int, int], x: Tensor,
+        cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None, document_ids: Tensor | None, *params: Tensor,
+    ) -> Tensor:
+        ctx.attention, ctx.counts, ctx.masks = attention, counts, (key_padding_mask, document_ids)
+        ctx.replay_ctx = ForwardContext(x.device, capture_rng=False)  # its autocast state, for a recompute
+        hint = tail.hint if tail is not None else (
+            take_upstream_gradient(x.shape) if attention.is_whole_sublayer else None)
+        ctx.announced = ctx.grads = None
+        if hint is None:
+            out, keys, values = _attend_in_chunks(attention, x, cos, sin, key_padding_mask, document_ids)
+        else:
+            keys, values = _keys_and_values(attention, x, cos, sin)
+            out, ctx.grads = _attention_with_announced_gradient(attention, tail, hint, counts, x, cos, sin, keys,
+                                                                values, ctx.masks, params)
+            ctx.announced = hint.to(out.dtype)
+        ctx.tail = tail is not None
+        ctx.save_for_backward(x, cos, sin, keys, values, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, cos, sin, keys, values, *params = ctx.saved_tensors
+        if ctx.announced is not None and grad is ctx.announced:
+            x_grad, *param_grads = ctx.grads  # computed in forward for exactly this gradient
+        elif ctx.tail:
+            raise RuntimeError("A bdia layer's fused attention and feed-forward received a gradient other than the "
+                               "one the reversible engine announced; its output must be the layer's, unmodified.")
+        else:
+            n_project, n_output = ctx.counts
+            x_grad = torch.zeros_like(x)
+            with ctx.replay_ctx.replay():
+                param_grads = _attention_chunks_with_gradients(
+                    ctx.attention, x, cos, sin, ctx.masks, keys, values, params[:n_project],
+                    params[n_project : n_project + n_output], lambda p, y: grad[:, p], x_grad)
+        ctx.grads = ctx.announced = None
+        flat = [g for group in param_grads for g in group]
+        return None, None, None, x_grad, None, None, None, None, *flat
+
+
+def _attention_with_announced_gradient(
+    attention: RevformerAttention, tail: BDIATailSpec | None, hint: UpstreamGradient, counts: tuple[int, int],
+    x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, masks: tuple[Tensor | None, Tensor | None],
+    params: Sequence[Tensor],
+) -> tuple[Tensor, tuple]:
+    """`QueryChunkedAttention`'s output and its gradients for the announced gradient `hint` of it: the output, and
+    (x's gradient, the projection, output and tail parameters' gradients)."""
+    n_project, n_output = counts
+    tail_params = params[n_project + n_output :]
+    tail_grads: list[Tensor | None] = [None] * len(tail_params)
+    x_grad = torch.zeros_like(x)
+    out: Tensor | None = None
+
+    def chunk_grad(p: slice, a: Tensor) -> Tensor:  # writes the output's chunk, returns the attention output's grad
+        nonlocal out
+        if tail is None:
+            if out is None:
+                out = a.new_empty(*x.shape[:2], a.shape[-1])
+            out[:, p] = a
+            return hint.to(a.dtype)[:, p]
+        keep, step, feed_forward = tail.keep, tail.step, tail.feed_forward
+        with torch.enable_grad():  # the same arithmetic as `tail_chunk`, with the feed-forward's input a leaf
+            h = (x[:, p] + a).detach().requires_grad_()
+            g = feed_forward.forward_chunk(h, 1.0 if step is None else step)
+        found = torch.autograd.grad(g, [h, *tail_params], hint.to(g.dtype)[:, p], allow_unused=True)
+        h_grad = found[0]
+        _sum_into(tail_grads, found[1:])
+        g = g.detach()
+        if out is None:
+            out = torch.empty(*x.shape[:2], a.shape[-1], dtype=torch.promote_types(x.dtype, a.dtype), device=x.device)
+        out[:, p] = a + g if keep is None else torch.addcmul(keep * x[:, p], step, a).add_(g)
+        out_grad = hint.to(out.dtype)[:, p]
+        a_grad = h_grad + out_grad if step is None else torch.addcmul(h_grad, step, out_grad)
+        # x's share: G's input only in the first layer's `a + G(x + a)`, plus keep * x after
+        x_grad[:, p] = h_grad if keep is None else h_grad.addcmul_(keep, out_grad)
+        return a_grad
+
+    project_grads, output_grads = _attention_chunks_with_gradients(
+        attention, x, cos, sin, masks, keys, values, params[:n_project], params[n_project : n_project + n_output],
+        chunk_grad, x_grad)
+    return out, (x_grad, project_grads, output_grads, tail_grads)
+
+
 class RevformerFeedForward(nn.Module):
     """G: pre-normalized SwiGLU feed-forward, run `chunk_size` tokens at a time when the sequence is longer.
 
@@ -281,13 +544,19 @@ class RevformerFeedForward(nn.Module):
         return out if isinstance(scale, float) and scale == 1.0 else out * scale
 
     def forward(self, x: Tensor, *aux: Tensor | None, scale: float | Tensor = 1.0, into: Tensor | None = None,
-                attention_output: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+                attention_output: Tensor | None = None, keep: Tensor | None = None,
+                fused_attention: tuple[RevformerAttention, tuple, UpstreamGradient] | None = None) -> Tensor:
         """`scale * G(x)` (`scale`: a number, or per-sequence factors of shape (B, 1, 1)), plus `into` if given (a long
         sequence's chunks are then added to it in place: no separate output buffer); `aux` (what the engine hands
         every sublayer: rotary tables, masks) is not needed here. With `attention_output` a, the end of a `bdia`
         layer instead: `keep * x + scale * a + scale * G(x + a)`, or `a + G(x + a)` (`bdia_tail`). A call, not a
-        method of its own, so that what wraps the module's call (FSDP2 gathering its parameters) wraps this too."""
+        method of its own, so that what wraps the module's call (FSDP2 gathering its parameters) wraps this too.
+        `fused_attention` (attention, its arguments, the announced gradient): that end with the attention's output
+        computed inside, query-chunked (a `bdia` layer's reversible re-run, `QueryChunkedAttention`)."""
         plain = isinstance(scale, float) and scale == 1.0
+        if fused_attention is not None:
+            attention, args, hint = fused_attention
+            return attention(x, *args, tail=BDIATailSpec(self, keep, None if plain else scale, hint))
         if attention_output is not None:
             return self.bdia_tail(x, attention_output, keep, None if plain else scale)
         fn = self.forward_chunk if plain else lambda x: self.forward_chunk(x, scale)
@@ -328,6 +597,29 @@ def _tail_output(x: Tensor, a: Tensor) -> Tensor:
     return a if a.dtype == dtype and not a._is_view() else torch.empty_like(a, dtype=dtype)
 
 
+def _tail_with_gradients(
+    feed_forward: RevformerFeedForward, hint: UpstreamGradient, x: Tensor, a: Tensor, keep: Tensor | None,
+    step: Tensor | None, params: Sequence[Tensor],
+) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """`feed_forward.bdia_tail(x, a, keep, step)` a chunk at a time (over `a` where it can), each chunk with its
+    gradients for the announced gradient of the output: returns the output, the gradient of x + a (whole sequence)
+    and the parameters' gradients."""
+    out = _tail_output(x, a)
+    h_grad = torch.empty_like(x, dtype=torch.promote_types(x.dtype, a.dtype))
+    param_grads: list[Tensor | None] = [None] * len(params)
+    for p in chunk_slices(x.shape[1], feed_forward.chunk_size):
+        with torch.enable_grad():  # the same arithmetic as tail_chunk, with the feed-forward's input a leaf
+            h = (x[:, p] + a[:, p]).detach().requires_grad_()
+            g = feed_forward.forward_chunk(h, 1.0 if step is None else step)
+        found = torch.autograd.grad(g, [h, *params], hint.to(g.dtype)[:, p], allow_unused=True)
+        h_grad[:, p] = found[0]
+        _sum_into(param_grads, found[1:])
+        g = g.detach()
+        out[:, p] = a[:, p] + g if keep is None else torch.addcmul(keep * x[:, p], step, a[:, p]).add_(g)
+        del g, h
+    return out, h_grad, param_grads
+
+
 class BDIATail(torch.autograd.Function):
     """`RevformerFeedForward.bdia_tail` in a reversible re-run: each chunk's output and its gradients come together,
     with the announced gradient of the output (`upstream_gradient`), so the backward has nothing to recompute and
@@ -341,24 +633,10 @@ class BDIATail(torch.autograd.Function):
         ctx: Any, feed_forward: RevformerFeedForward, hint: UpstreamGradient, x: Tensor, a: Tensor,
         keep: Tensor | None, step: Tensor | None, *params: Tensor,
     ) -> Tensor:
-        out = _tail_output(x, a)
+        out, h_grad, param_grads = _tail_with_gradients(feed_forward, hint, x, a, keep, step, params)
         if out is a:
             ctx.mark_dirty(a)
-        h_grad = torch.empty_like(x, dtype=torch.promote_types(x.dtype, a.dtype))
-        param_grads: list[Tensor | None] = [None] * len(params)
         out_grad = hint.to(out.dtype)
-        for p in chunk_slices(x.shape[1], feed_forward.chunk_size):
-            with torch.enable_grad():  # the same arithmetic as tail_chunk, with the feed-forward's input a leaf
-                h = (x[:, p] + a[:, p]).detach().requires_grad_()
-                g = feed_forward.forward_chunk(h, 1.0 if step is None else step)
-            found = torch.autograd.grad(g, [h, *params], hint.to(g.dtype)[:, p], allow_unused=True)
-            h_grad[:, p] = found[0]
-            for i, grad in enumerate(found[1:]):
-                if grad is not None:
-                    param_grads[i] = grad if param_grads[i] is None else param_grads[i].add_(grad)
-            g = g.detach()
-            out[:, p] = a[:, p] + g if keep is None else torch.addcmul(keep * x[:, p], step, a[:, p]).add_(g)
-            del g, h
         ctx.factors = (keep, step)  # (B, 1, 1) each, or None
         ctx.out_grad, ctx.h_grad, ctx.param_grads = out_grad, h_grad, param_grads
         ctx.dtypes = (x.dtype, a.dtype)
@@ -445,22 +723,44 @@ class RevformerBDIALayer(GradientCheckpointingLayer):
     def __init__(self, config: RevformerConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention = RevformerAttention(config, layer_idx)
+        self.attention.is_whole_sublayer = False
         self.feed_forward = RevformerFeedForward(config)
         self.gamma = float(config.bdia_gamma) if layer_idx > 0 else None
 
     def update(self, x: Tensor, *args: Tensor | Cache | list | None) -> Tensor | tuple[Tensor, Tensor]:
         """What joins the stream two back: `f(x)` for the first layer, else `(out, gamma)` (gamma (B, 1, 1) fp32).
-        `args`: what the attention takes besides `x` (rotary tables, masks, cache, attentions list)."""
-        a = self.attention(x, *args)
-        if self.gamma is None:
-            return self.feed_forward(x, attention_output=a)
-        if self.training:
-            signs = torch.randint(0, 2, (x.shape[0], 1, 1), device=x.device).mul_(2).sub_(1)
-            gamma = signs.to(torch.float32) * self.gamma
+        `args`: what the attention takes besides `x` (rotary tables, masks, cache, attentions list).
+
+        In a reversible re-run whose attention runs in query chunks, the feed-forward's end comes inside the
+        attention's chunked call (`QueryChunkedAttention`). That attention draws nothing from the RNG, so gamma is
+        drawn before it there and after it otherwise: the same draw either way."""
+        fused, hint = self._fusable(x, *args), None
+        if fused and torch.is_grad_enabled():  # with grad, only in the engine's re-run
+            hint = take_upstream_gradient(x.shape)
+            fused = hint is not None
+        a = None if fused else self.attention(x, *args)
+        gamma = keep = step = None
+        if self.gamma is not None:
+            if self.training:
+                signs = torch.randint(0, 2, (x.shape[0], 1, 1), device=x.device).mul_(2).sub_(1)
+                gamma = signs.to(torch.float32) * self.gamma
+            else:
+                gamma = x.new_zeros(x.shape[0], 1, 1, dtype=torch.float32)
+            keep, step = (1.0 - gamma).to(x.dtype), (1.0 + gamma).to(x.dtype)
+        scale = 1.0 if step is None else step
+        if fused:
+            out = self.feed_forward(x, keep=keep, scale=scale, fused_attention=(self.attention, args, hint))
         else:
-            gamma = x.new_zeros(x.shape[0], 1, 1, dtype=torch.float32)
-        keep, step = (1.0 - gamma).to(x.dtype), (1.0 + gamma).to(x.dtype)
-        return self.feed_forward(x, attention_output=a, keep=keep, scale=step), gamma
+            out = self.feed_forward(x, attention_output=a, keep=keep, scale=scale)
+        return out if gamma is None else (out, gamma)
+
+    def _fusable(self, x: Tensor, *args: Tensor | Cache | list | None) -> bool:
+        """Whether the attention can compute the whole layer a chunk of queries at a time: query-chunked attention
+        and no hidden dropout between attention and feed-forward. Then the forward pass (no grad) and the re-run (the
+        output's gradient announced) run the same chunks."""
+        cache, attentions = (*args[4:], None, None)[:2]
+        dropout = self.training and self.attention.config.hidden_dropout > 0
+        return not dropout and self.attention.chunks_queries(x, cache, attentions)
 
     def forward(
         self, x1: Tensor, x2: Tensor, *aux: Tensor | None, cache: Cache | None = None,

@@ -234,12 +234,13 @@ class RecordingArithmetic(FixedPointArithmetic):
 
 @pytest.mark.parametrize("coupling, chunk, dropout, autocast", [
     ("bdia", 8, 0.0, False), ("bdia", 8, 0.1, True), ("bdia", 0, 0.0, True), ("sublayer", 8, 0.1, True),
+    ("sublayer", 8, 0.0, False),
 ])
 def test_backward_rebuilds_every_stream_bit_for_bit(coupling, chunk, dropout, autocast):
-    """Inside the engine's backward, each re-run reproduces its forward output bit for bit (chunked feed-forward,
-    dropout, bf16 autocast), so every stream it rebuilds equals the one the forward joined, exactly."""
+    """Inside the engine's backward, each re-run reproduces its forward output bit for bit (chunked feed-forward and
+    attention, dropout, bf16 autocast), so every stream it rebuilds equals the one the forward joined, exactly."""
     model = build(5, coupling=coupling, stream_dtype="fixed_point", chunk_size_feed_forward=chunk,
-                  hidden_dropout=dropout, attention_dropout=dropout)
+                  chunk_size_attention=chunk and chunk - 3, hidden_dropout=dropout, attention_dropout=dropout)
     arithmetic = RecordingArithmetic(model.config.bdia_keep_bits or 1)
     model.model.streams = arithmetic
     ids = torch.randint(0, 128, (2, 24))

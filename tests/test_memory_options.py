@@ -50,13 +50,14 @@ CONVERTED = dict(num_key_value_heads=2, head_dim=12, qkv_bias=True, qk_norm=True
 @pytest.mark.parametrize("converted", [None, "sublayer", "bdia"])
 def test_chunked_options_give_the_unchunked_gradients(reversible, stream_dtype, autocast, converted):
     torch.manual_seed(0)
-    # Chunks that do not divide the sequence (T = 45, B*T = 90) and a mixed attention stack.
-    model = RevformerForCausalLM(tiny_config(num_hidden_layers=3, attention_layers=["full", "local", "lsh"],
+    # Chunks that do not divide the sequence (T = 45, B*T = 90) and a mixed attention stack, `full` last: query
+    # chunks change bf16 rounding, which would move lsh's discontinuous buckets in a later layer.
+    model = RevformerForCausalLM(tiny_config(num_hidden_layers=3, attention_layers=["local", "lsh", "full"],
                                              local_chunk_length=8, lsh_chunk_length=8, lsh_num_buckets=4,
                                              stream_dtype=stream_dtype, reversible=reversible,
-                                             chunk_size_feed_forward=7, loss_chunk_size=13,
+                                             chunk_size_feed_forward=7, chunk_size_attention=6, loss_chunk_size=13,
                                              **({**CONVERTED, "coupling": converted} if converted else {}))).train()
-    reference = twin(model, chunk_size_feed_forward=0, loss_chunk_size=0)
+    reference = twin(model, chunk_size_feed_forward=0, chunk_size_attention=0, loss_chunk_size=0)
     ids = torch.randint(0, 128, (2, 45))
     loss, grads = grads_of(model, ids, autocast=autocast)
     ref_loss, ref_grads = grads_of(reference, ids, autocast=autocast)
@@ -76,6 +77,82 @@ def test_reversible_chunked_with_dropout_matches_plain():
     ref_loss, ref_grads = grads_of(plain, ids, seed=3)
     assert torch.allclose(loss, ref_loss, rtol=1e-5)
     assert max(relative_error(grads[n], ref_grads[n]) for n in grads) <= 1e-5
+
+
+@pytest.mark.parametrize("coupling", ["sublayer", "bdia"])
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+@pytest.mark.parametrize("inputs", ["plain", "left_padding", "packed_documents"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_query_chunked_attention_gives_the_whole_sequence_kernel(coupling, kernel, inputs, grouped):
+    """Attention a few queries at a time (chunks that do not divide T = 23), reversible (a bdia layer's attention and
+    feed-forward then run as one call) and plain, against the whole-sequence kernel: loss, every gradient, and the
+    logits without grad; with padding, packed documents, grouped key/value heads, either kernel."""
+    torch.manual_seed(0)
+    options = dict(num_key_value_heads=2, qk_norm=True, qkv_bias=True) if grouped else {}
+    streams = "fixed_point" if coupling == "bdia" else "float32"
+    model = RevformerForCausalLM(tiny_config(num_hidden_layers=3, coupling=coupling, stream_dtype=streams,
+                                             chunk_size_attention=5, chunk_size_feed_forward=7, **options)).train()
+    model.set_attn_implementation(kernel)
+    reference = twin(model, chunk_size_attention=0, reversible=False)
+    reference.set_attn_implementation(kernel)
+    ids = torch.randint(3, 128, (2, 23))
+    kwargs = {}
+    if inputs == "left_padding":
+        kwargs["attention_mask"] = torch.ones_like(ids)
+        kwargs["attention_mask"][1, :6] = 0
+    elif inputs == "packed_documents":
+        kwargs["position_ids"] = torch.cat([torch.arange(9), torch.arange(14)]).expand(2, -1)
+    results = {}
+    for name, m in (("chunked", model), ("whole", reference)):
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # bdia's gamma draws
+        loss = m(ids, labels=ids, **kwargs).loss
+        loss.backward()
+        with torch.no_grad():
+            torch.manual_seed(1)
+            logits = m(ids, **kwargs).logits
+        results[name] = loss.detach(), logits, {n: p.grad for n, p in m.named_parameters()}
+    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = results["chunked"], results["whole"]
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
+    errors = {n: relative_error(grads[n], ref_grads[n]) for n in ref_grads}
+    assert max(errors.values()) <= 1e-5, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+
+
+def attention_step_peak_mib(chunk_size_attention: int) -> float:
+    """Peak memory (MiB) allocated during one attention layer's forward and backward at 1024 tokens, replayed from
+    torch.profiler's allocation events."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    from revformer.modeling_revformer import RevformerAttention, RevformerRotaryEmbedding
+
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         chunk_size_attention=chunk_size_attention)
+    attention = RevformerAttention(config, 0).train()
+    x = torch.randn(1, 1024, 64, requires_grad=True)
+    cos, sin = RevformerRotaryEmbedding(config)(x, torch.arange(1024)[None])
+    grad = torch.ones_like(x)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        attention(x, cos, sin).backward(grad)
+
+    def tree(events):
+        for event in events:
+            yield event
+            yield from tree(event.children)
+
+    allocations = [e.extra_fields for e in tree(prof.profiler.kineto_results.experimental_event_tree())
+                   if e.tag == _EventType.Allocation]
+    before = allocations[0].total_allocated - allocations[0].alloc_size
+    return (max(a.total_allocated for a in allocations) - before) / 2**20
+
+
+def test_query_chunks_hold_no_whole_sequence_queries_outputs_or_their_gradients():
+    """Whole-sequence attention holds queries, keys, values, outputs and all their gradients at its backward; in
+    query chunks, only keys, values, their gradients and x's gradient are whole (about half, at this shape)."""
+    whole, chunked_peak = attention_step_peak_mib(0), attention_step_peak_mib(128)
+    assert chunked_peak < 0.75 * whole, (chunked_peak, whole)
 
 
 def count_chunk_calls(model: RevformerForCausalLM) -> dict[str, int]:

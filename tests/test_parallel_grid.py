@@ -21,7 +21,7 @@ import yaml
 from conftest import launch, make_workdir, relative_error, tiny_config, weights
 from revformer import RevformerForCausalLM
 
-OPTIONS = dict(chunk_size_feed_forward=5, loss_chunk_size=11, local_chunk_length=6, lsh_chunk_length=6,
+OPTIONS = dict(chunk_size_feed_forward=5, chunk_size_attention=6, loss_chunk_size=11, local_chunk_length=6, lsh_chunk_length=6,
                lsh_num_buckets=4, lsh_num_hashes=2)
 GRID = {
     "chunked_full": dict(attention_layers="full"),
@@ -30,7 +30,7 @@ GRID = {
     "chunked_fixed_point": dict(attention_layers=["lsh", "local", "full"], stream_dtype="fixed_point",
                                 tie_word_embeddings=False),  # a parameter after the stack
     "unchunked_reference": dict(attention_layers=["local", "lsh", "full"], chunk_size_feed_forward=0,
-                                loss_chunk_size=0),
+                                chunk_size_attention=0, loss_chunk_size=0),
     # What converted Llama-family models bring, with both couplings and every kernel.
     "llama_options_sublayer": dict(attention_layers=["local", "lsh", "full"], num_key_value_heads=2, head_dim=12,
                                    qkv_bias=True, qk_norm=True, tie_word_embeddings=False, hidden_dropout=0.1),
