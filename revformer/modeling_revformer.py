@@ -144,6 +144,9 @@ class RevformerAttention(nn.Module):
     reversible backward through the RNG state) and with fixed rotations from `config.lsh_seed` and the layer index in
     eval mode, so inference is deterministic, survives save/load and decodes with a cache exactly.
 
+    Long sequences take `config.chunk_size_attention` queries at a time in `full` layers (`chunks_queries`,
+    `QueryChunkedAttention`): only keys, values and their gradients are whole-sequence tensors.
+
     Under sequence parallelism (`sequence_parallel`, set by `revformer.sequence_parallel`) `x` is this rank's slice
     of the sequence: an all-to-all before the kernel gives it the whole sequence for its share of the heads, one after
     gives back its slice with every head.
@@ -268,7 +271,7 @@ class RevformerAttention(nn.Module):
     ) -> Tensor:
         """x (B, T, d) -> (B, T, d). key_padding_mask (B, T_past + T) bool; document_ids (B, T) (packed documents,
         no cache); `attentions`, when a list, receives this layer's probabilities (B, H, T, T_past + T). `tail`: the
-        end of a `bdia` layer, computed with the attention in a reversible re-run (`RevformerFeedForward.forward`)."""
+        end of a `bdia` layer, computed with the attention a chunk of queries at a time (`RevformerFeedForward`)."""
         batch, seq, _ = x.shape
         if self.chunks_queries(x, cache, attentions):
             out = self.query_chunked(x, cos, sin, key_padding_mask, document_ids, tail)

@@ -288,7 +288,7 @@ def test_sdpa_uses_a_fused_kernel_for_long_sequences(device, kind, padded, dropo
 
 def test_model_trains_long_sequences_without_the_math_fallback(device, sdpa_calls, report):
     """A reversible full + local model, forward and backward (with its re-runs) under bf16 autocast, with SDPA
-    restricted to fused kernels: a math fallback anywhere would raise."""
+    restricted to fused kernels: a math fallback anywhere would raise (the full layer's masked query chunks too)."""
     cuda = device.type == "cuda"
     seq = 8192 if cuda else 512
     model = build(device, num_hidden_layers=2, attention_layers=["full", "local"], max_position_embeddings=seq,
@@ -302,7 +302,28 @@ def test_model_trains_long_sequences_without_the_math_fallback(device, sdpa_call
     backends = sorted({c["backend"] for c in sdpa_calls})
     report(device=device.type, seq=seq, backends=backends, calls=len(sdpa_calls))
     assert torch.isfinite(loss) and "MATH" not in backends
-    assert len(sdpa_calls) == 4  # 2 layers x (forward + backward re-run)
+    # forward + backward re-run: the local layer calls once, the full layer once per chunk of queries (masked)
+    chunks = -(-seq // model.config.chunk_size_attention)
+    assert len(sdpa_calls) == 2 * (1 + chunks)
+    # masked: the full layer's chunks but the first (square: plain causal), and the local layer's windows
+    assert sum(c["masked"] for c in sdpa_calls) == 2 * chunks
+
+
+@pytest.mark.parametrize("coupling", ["sublayer", "bdia"])
+def test_query_chunked_attention_gives_the_whole_kernel_gradients(device, coupling, report):
+    """`chunk_size_attention` on the device (heads not grouped: what CUDA chunks), through the reversible engine,
+    against the whole-sequence kernel on the plain path, fp32."""
+    extra = dict(coupling="bdia", stream_dtype="fixed_point") if coupling == "bdia" else {}
+    model = build(device, num_hidden_layers=3, chunk_size_attention=16, **extra)
+    reference = build(device, num_hidden_layers=3, chunk_size_attention=0, **extra)  # the same seed: same weights
+    ids = torch.randint(3, 128, (2, 72), device=device)
+    loss, grads = gradients(model, ids, True, seed=1, dtype=None)
+    ref_loss, ref_grads = gradients(reference, ids, False, seed=1, dtype=None)
+    errors = {name: relative_error(grads[name], ref_grads[name]) for name in ref_grads}
+    worst = max(errors, key=errors.get)
+    report(device=device.type, coupling=coupling, max_grad_rel_error=errors[worst], worst_param=worst)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert errors[worst] <= (1e-4 if device.type == "cuda" else 1e-5), sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
 
 # -------------------------------------------------------------------------------------- fp16 with GradScaler
