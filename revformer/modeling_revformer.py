@@ -362,8 +362,8 @@ def _attend_in_chunks(attention: RevformerAttention, x: Tensor, cos: Tensor, sin
         y = attention.attend(q, keys[:, : p.stop], values[:, : p.stop], key_padding_mask, document_ids)
         if tail is not None:
             y = tail.feed_forward.tail_chunk(x[:, p], y, tail.keep, tail.step)
-        if out is None:
-            out = y.new_empty(batch, seq, y.shape[-1])
+        if out is None:  # a bdia layer's sum in the streams' dtype at least, as `_tail_output` gives
+            out = y.new_empty(batch, seq, y.shape[-1], dtype=y.dtype if tail is None else _sum_dtype(x, y))
         out[:, p] = y
         del q, k, v, y
     return out, keys, values
@@ -500,17 +500,13 @@ def _attention_with_announced_gradient(
                 out = a.new_empty(*x.shape[:2], a.shape[-1])
             out[:, p] = a
             return hint.to(a.dtype)[:, p]
-        keep, step, feed_forward = tail.keep, tail.step, tail.feed_forward
-        with torch.enable_grad():  # the same arithmetic as `tail_chunk`, with the feed-forward's input a leaf
-            h = (x[:, p] + a).detach().requires_grad_()
-            g = feed_forward.forward_chunk(h, 1.0 if step is None else step)
-        found = torch.autograd.grad(g, [h, *tail_params], hint.to(g.dtype)[:, p], allow_unused=True)
-        h_grad = found[0]
-        _sum_into(tail_grads, found[1:])
-        g = g.detach()
+        keep, step = tail.keep, tail.step
+        piece, h_grad, grads = _tail_chunk_with_gradients(tail.feed_forward, hint, p, x[:, p], a, keep, step,
+                                                          tail_params)
+        _sum_into(tail_grads, grads)
         if out is None:
-            out = torch.empty(*x.shape[:2], a.shape[-1], dtype=torch.promote_types(x.dtype, a.dtype), device=x.device)
-        out[:, p] = a + g if keep is None else torch.addcmul(keep * x[:, p], step, a).add_(g)
+            out = piece.new_empty(*x.shape[:2], piece.shape[-1], dtype=_sum_dtype(x, piece))
+        out[:, p] = piece
         out_grad = hint.to(out.dtype)[:, p]
         a_grad = h_grad + out_grad if step is None else torch.addcmul(h_grad, step, out_grad)
         # x's share: G's input only in the first layer's `a + G(x + a)`, plus keep * x after
@@ -594,9 +590,14 @@ class RevformerFeedForward(nn.Module):
         return out
 
 
+def _sum_dtype(x: Tensor, a: Tensor) -> torch.dtype:
+    """The dtype of a `bdia` layer's sum of the stream x and the attention output a."""
+    return torch.promote_types(x.dtype, a.dtype)
+
+
 def _tail_output(x: Tensor, a: Tensor) -> Tensor:
     """Where the tail goes: over `a` when it has the result's dtype and owns its memory, else a new tensor."""
-    dtype = torch.promote_types(x.dtype, a.dtype)
+    dtype = _sum_dtype(x, a)
     return a if a.dtype == dtype and not a._is_view() else torch.empty_like(a, dtype=dtype)
 
 
@@ -608,19 +609,27 @@ def _tail_with_gradients(
     gradients for the announced gradient of the output: returns the output, the gradient of x + a (whole sequence)
     and the parameters' gradients."""
     out = _tail_output(x, a)
-    h_grad = torch.empty_like(x, dtype=torch.promote_types(x.dtype, a.dtype))
+    h_grad = torch.empty_like(x, dtype=_sum_dtype(x, a))
     param_grads: list[Tensor | None] = [None] * len(params)
     for p in chunk_slices(x.shape[1], feed_forward.chunk_size):
-        with torch.enable_grad():  # the same arithmetic as tail_chunk, with the feed-forward's input a leaf
-            h = (x[:, p] + a[:, p]).detach().requires_grad_()
-            g = feed_forward.forward_chunk(h, 1.0 if step is None else step)
-        found = torch.autograd.grad(g, [h, *params], hint.to(g.dtype)[:, p], allow_unused=True)
-        h_grad[:, p] = found[0]
-        _sum_into(param_grads, found[1:])
-        g = g.detach()
-        out[:, p] = a[:, p] + g if keep is None else torch.addcmul(keep * x[:, p], step, a[:, p]).add_(g)
-        del g, h
+        out[:, p], h_grad[:, p], grads = _tail_chunk_with_gradients(feed_forward, hint, p, x[:, p], a[:, p], keep,
+                                                                    step, params)
+        _sum_into(param_grads, grads)
     return out, h_grad, param_grads
+
+
+def _tail_chunk_with_gradients(
+    feed_forward: RevformerFeedForward, hint: UpstreamGradient, p: slice, x: Tensor, a: Tensor, keep: Tensor | None,
+    step: Tensor | None, params: Sequence[Tensor],
+) -> tuple[Tensor, Tensor, list[Tensor | None]]:
+    """`feed_forward.tail_chunk(x, a, keep, step)` at positions p (no graph), with the gradient of x + a there and
+    the parameters' for the announced gradient of the output."""
+    with torch.enable_grad():  # the same arithmetic as tail_chunk, with the feed-forward's input a leaf
+        h = (x + a).detach().requires_grad_()
+        g = feed_forward.forward_chunk(h, 1.0 if step is None else step)
+    h_grad, *param_grads = torch.autograd.grad(g, [h, *params], hint.to(g.dtype)[:, p], allow_unused=True)
+    g = g.detach()
+    return (a + g if keep is None else torch.addcmul(keep * x, step, a).add_(g)), h_grad, param_grads
 
 
 class BDIATail(torch.autograd.Function):

@@ -234,7 +234,7 @@ class RecordingArithmetic(FixedPointArithmetic):
 
 @pytest.mark.parametrize("coupling, chunk, dropout, autocast", [
     ("bdia", 8, 0.0, False), ("bdia", 8, 0.1, True), ("bdia", 0, 0.0, True), ("sublayer", 8, 0.1, True),
-    ("sublayer", 8, 0.0, False),
+    ("sublayer", 8, 0.0, False), ("bdia", 8, 0.0, True),
 ])
 def test_backward_rebuilds_every_stream_bit_for_bit(coupling, chunk, dropout, autocast):
     """Inside the engine's backward, each re-run reproduces its forward output bit for bit (chunked feed-forward and
