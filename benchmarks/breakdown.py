@@ -268,13 +268,15 @@ def activation_timeline(step: Callable[[], Any], *, params: Iterable[Any], token
     grad_ptrs = {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
     grad_sizes = sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
 
-    allocations, ops = [], []
+    allocations, ops, calls = [], [], []
     for event in _tree(prof.profiler.kineto_results.experimental_event_tree()):
         if event.tag == _EventType.Allocation:
             if event.extra_fields.device.type == torch.device(device).type:
                 allocations.append(event)
         elif event.tag == _EventType.TorchOp:
             ops.append(event)
+        elif event.tag == _EventType.PyCall:
+            calls.append(event)
     allocations.sort(key=lambda e: e.start_time_ns)
     if not allocations:
         raise RuntimeError("the profiler recorded no allocation on " + device)
@@ -298,7 +300,6 @@ def activation_timeline(step: Callable[[], Any], *, params: Iterable[Any], token
     # What a re-run makes and hands back to the engine is the gradient of the stream it read (its sublayer's input
     # gradient, made inside the sublayer): an allocation of a re-run, of the stream's shape, still alive when the
     # next re-run starts (its output, also made there, is gone by then).
-    calls = [e for e in _tree(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.PyCall]
     reruns = sorted((e.start_time_ns, e.end_time_ns) for e in calls if re.search(_RERUN, _frame_name(e.name)))
     starts = [start for start, _ in reruns]
     # the engine's backward: a `backward` of reversible.py that runs re-runs (ChunkedFunction's runs inside them)

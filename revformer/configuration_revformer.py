@@ -34,9 +34,8 @@ class RevformerConfig(PreTrainedConfig):
             and so does the attention's position-wise part (normalisation, projections, rotary); shorter sequences
             run in one piece (0 = never chunk). Results do not depend on it.
         chunk_size_attention (`int`, defaults to 256): causal `full` attention (sdpa or eager) takes this many
-            queries at a time against the keys before them, and its backward recomputes each chunk, so a long
-            sequence's queries, attention outputs and their gradients never exist whole, only its keys and values
-            (0 = whole sequence). Runs without a cache, attention dropout or sequence parallelism; results agree with
+            queries at a time against the keys before them, in forward and backward, so a long sequence's queries,
+            attention outputs and their gradients never exist whole, only its keys and values (0 = whole sequence). Runs without a cache, attention dropout or sequence parallelism; results agree with
             the whole-sequence kernel to float rounding.
         loss_chunk_size (`int`, defaults to 256): with labels for more positions (batch x length) than this, the LM
             head and cross-entropy run this many positions at a time and full logits never exist (0 = never chunk).

@@ -207,6 +207,11 @@ class RevformerAttention(nn.Module):
         keys = [] if self.k_proj is None else [heads(self.k_proj, self.k_norm)]
         return torch.cat([heads(self.q_proj, self.q_norm), *keys, heads(self.v_proj, rotate=False)], dim=2)
 
+    def project_params(self) -> list[nn.Parameter]:
+        """The trainable parameters `project` runs (those of LoRA adapters wrapping the projections included)."""
+        modules = (self.norm, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)
+        return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+
     def chunks_queries(self, x: Tensor, cache: Cache | None = None, attentions: list | None = None) -> bool:
         """Whether this call takes `config.chunk_size_attention` queries at a time (`QueryChunkedAttention`): causal
         `full` attention under sdpa or eager, longer than a chunk, without a cache, probabilities, attention dropout
@@ -237,8 +242,7 @@ class RevformerAttention(nn.Module):
     def query_chunked(self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None,
                       document_ids: Tensor | None, tail: BDIATailSpec | None = None) -> Tensor:
         """The attention (and `tail`, if given) a chunk of queries at a time: `QueryChunkedAttention`."""
-        modules = (self.norm, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)  # what project runs
-        project_params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+        project_params = self.project_params()
         output_params = [p for p in self.o_proj.parameters() if p.requires_grad]
         tail_params = [] if tail is None else [p for p in tail.feed_forward.parameters() if p.requires_grad]
         params = [*project_params, *output_params, *tail_params]
@@ -280,9 +284,7 @@ class RevformerAttention(nn.Module):
             raise ValueError("A bdia tail rides only on query-chunked attention (see `chunks_queries`).")
         # The position-wise part runs a chunk of tokens at a time, so its normalisation, projection and rotary
         # temporaries exist for one chunk, in backward too (its output is not the sublayer's: it recomputes there).
-        modules = (self.norm, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)  # what project runs
-        params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
-        qkv = chunked(self.project, x, self.chunk_size, params, aligned=(cos, sin), fuse=False)
+        qkv = chunked(self.project, x, self.chunk_size, self.project_params(), aligned=(cos, sin), fuse=False)
         split, sp = self.head_split, self.sequence_parallel
         if sp is not None:  # (B, t, H, D), my tokens -> (B, T, H / P, D), my heads
             qkv, split = sp.scatter_heads(qkv, split)
@@ -507,10 +509,7 @@ def _attention_with_announced_gradient(
         if out is None:
             out = piece.new_empty(*x.shape[:2], piece.shape[-1], dtype=_sum_dtype(x, piece))
         out[:, p] = piece
-        out_grad = hint.to(out.dtype)[:, p]
-        a_grad = h_grad + out_grad if step is None else torch.addcmul(h_grad, step, out_grad)
-        # x's share: G's input only in the first layer's `a + G(x + a)`, plus keep * x after
-        x_grad[:, p] = h_grad if keep is None else h_grad.addcmul_(keep, out_grad)
+        a_grad, x_grad[:, p] = _bdia_sum_gradients(h_grad, hint.to(out.dtype)[:, p], keep, step)
         return a_grad
 
     project_grads, output_grads = _attention_chunks_with_gradients(
@@ -564,8 +563,7 @@ class RevformerFeedForward(nn.Module):
     def tail_chunk(self, x: Tensor, a: Tensor, keep: Tensor | None, step: Tensor | None) -> Tensor:
         """`keep * x + step * a + step * G(x + a)` at some positions (`keep`, `step` None: `a + G(x + a)`, the first
         layer's), what a `bdia` layer adds to the stream."""
-        g = self.forward_chunk(x + a, 1.0 if step is None else step)
-        return a + g if keep is None else torch.addcmul(keep * x, step, a).add_(g)
+        return _bdia_sum(x, a, self.forward_chunk(x + a, 1.0 if step is None else step), keep, step)
 
     def bdia_tail(self, x: Tensor, a: Tensor, keep: Tensor | None = None, step: Tensor | None = None) -> Tensor:
         """`keep * x + step * a + step * G(x + a)` (`keep`, `step`: per-sequence factors (B, 1, 1), or None for
@@ -628,8 +626,20 @@ def _tail_chunk_with_gradients(
         h = (x + a).detach().requires_grad_()
         g = feed_forward.forward_chunk(h, 1.0 if step is None else step)
     h_grad, *param_grads = torch.autograd.grad(g, [h, *params], hint.to(g.dtype)[:, p], allow_unused=True)
-    g = g.detach()
-    return (a + g if keep is None else torch.addcmul(keep * x, step, a).add_(g)), h_grad, param_grads
+    return _bdia_sum(x, a, g.detach(), keep, step), h_grad, param_grads
+
+
+def _bdia_sum(x: Tensor, a: Tensor, g: Tensor, keep: Tensor | None, step: Tensor | None) -> Tensor:
+    """`keep * x + step * a + g` (g: the feed-forward's output, already scaled by step), or `a + g` (`keep` None)."""
+    return a + g if keep is None else torch.addcmul(keep * x, step, a).add_(g)
+
+
+def _bdia_sum_gradients(h_grad: Tensor, grad: Tensor, keep: Tensor | None, step: Tensor | None
+                        ) -> tuple[Tensor, Tensor]:
+    """The gradients of a and x in `_bdia_sum` with g = step * G(x + a), from the sum's gradient `grad` and that of
+    x + a (`h_grad`), over which x's goes: x is G's input only in the first layer's `a + G(x + a)`."""
+    a_grad = h_grad + grad if step is None else torch.addcmul(h_grad, step, grad)
+    return a_grad, (h_grad if keep is None else h_grad.addcmul_(keep, grad))
 
 
 class BDIATail(torch.autograd.Function):
@@ -661,10 +671,8 @@ class BDIATail(torch.autograd.Function):
                                "engine announced; its output must be the layer's output, unmodified.")
         (keep, step), h_grad, param_grads = ctx.factors, ctx.h_grad, ctx.param_grads
         ctx.out_grad = ctx.h_grad = ctx.param_grads = None
-        a_grad = (h_grad + grad if step is None else torch.addcmul(h_grad, step, grad)).to(ctx.dtypes[1])
-        # d(x + a) is no longer needed: x's gradient goes over it
-        x_grad = (h_grad if keep is None else h_grad.addcmul_(keep, grad)).to(ctx.dtypes[0])
-        return None, None, x_grad, a_grad, None, None, *param_grads
+        a_grad, x_grad = _bdia_sum_gradients(h_grad, grad, keep, step)
+        return None, None, x_grad.to(ctx.dtypes[0]), a_grad.to(ctx.dtypes[1]), None, None, *param_grads
 
 
 class RevformerBlock(GradientCheckpointingLayer):
