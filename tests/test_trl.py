@@ -34,8 +34,9 @@ def saved_model(request, tmp_path, byte_tokenizer):
     """A saved model with the coupling `request.param`: sublayer, or bdia on fixed-point streams (convert.py's)."""
     torch.manual_seed(0)
     bdia = dict(coupling="bdia", stream_dtype="fixed_point", bdia_gamma=1 / 16) if request.param == "bdia" else {}
+    # Attention in query chunks shorter than the context, as the default 256 is for a long-context model.
     model = RevformerForCausalLM(tiny_config(vocab_size=len(byte_tokenizer), max_position_embeddings=CONTEXT,
-                                             **bdia))
+                                             chunk_size_attention=CONTEXT // 4, **bdia))
     model.save_pretrained(tmp_path / "model")
     byte_tokenizer.save_pretrained(tmp_path / "model")
     return tmp_path / "model"
