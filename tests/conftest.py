@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,18 @@ def dense_kernel(implementation: str):
 # Every attention kernel by the name the tests use: `eager` and `full` (sdpa) are the dense path that `full` layers
 # run, `local` and `lsh` the linear-memory kernels.
 KERNELS = {"eager": dense_kernel("eager"), "full": dense_kernel("sdpa"), **ATTENTION_FUNCTIONS}
+
+
+def end_process_group() -> None:
+    """Tear a multi-process gloo group down as the trainer does: a worker thread still freeing a finished collective's
+    tensors needs the GIL, which the group's destructor holds while it joins the workers (a SIGABRT at exit), so
+    they get `GLOO_SETTLE_S` to go idle first."""
+    import torch.distributed as dist
+
+    from revformer.trainer import GLOO_SETTLE_S
+
+    time.sleep(GLOO_SETTLE_S)
+    dist.destroy_process_group()
 
 
 def tiny_config(**overrides) -> RevformerConfig:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from conftest import launch, make_workdir, relative_error, tiny_config, weights
+from conftest import end_process_group, launch, make_workdir, relative_error, tiny_config, weights
 from revformer import RevformerForCausalLM
 
 OPTIONS = dict(chunk_size_feed_forward=5, chunk_size_attention=6, loss_chunk_size=11, local_chunk_length=6, lsh_chunk_length=6,
@@ -88,7 +88,7 @@ def compare_worker(rank: int, rendezvous: str, failures_path: str) -> None:
     finally:
         if rank == 0:
             Path(failures_path).write_text("\n".join(failures))
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_ddp_and_fsdp2_gradients_equal_one_unsharded_backward_for_every_option(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, env, launch, make_workdir, tiny_config, weights
+from conftest import ROOT, end_process_group, env, launch, make_workdir, tiny_config, weights
 
 from revformer import RevformerForCausalLM
 from revformer.config import ConfigError, load_run_config
@@ -167,7 +167,7 @@ def equality_worker(rank: int, world: int, rendezvous: str, failures_path: str) 
         raise
     finally:
         Path(f"{failures_path}.{rank}").write_text("\n".join(failures))
-        dist.destroy_process_group()
+        end_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
